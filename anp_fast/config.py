@@ -1,0 +1,117 @@
+"""ANPConfig: every knob of the adversarial neuron pruning loop, validated on construction."""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+from .errors import ConfigError
+
+LAYER_POLICIES = ("auto", "norms", "gates")
+TRAIN_MODES = ("all", "norms")
+PRECISIONS = ("fp32",)
+
+
+@dataclass
+class ANPConfig:
+    """Hyper-parameters of ANP (defaults are the published ones, see ../shared/ANP.md).
+
+    eps: bound of the neuron perturbation d, e (0 disables the adversary).
+    steps: adversarial sign-gradient steps per iteration; the noise lr is eps / steps.
+    alpha: weight of the clean loss; (1 - alpha) weighs the perturbed loss.
+    lr, momentum: SGD on the masks.
+    iters, batch_size: iterations of the loop, batch drawn with replacement from the clean set.
+    project_noise: clamp d, e back to [-eps, eps] after each noise step (the paper); the published code
+        does not (default False).
+    seed: seeds the noise draws and the batch sampling.
+    layers: "auto" perturbs affine norm layers if the model has any, else gates conv/linear outputs;
+        "norms" or "gates" force one kind.
+    train_mode: "all" puts the whole model in train mode (published); "norms" only the norm layers
+        (dropout and stochastic depth off, batch statistics still used).
+    precision: "fp32".
+    device: where the loop runs; None keeps the model's device.
+    """
+
+    eps: float = 0.4
+    steps: int = 1
+    alpha: float = 0.2
+    lr: float = 0.2
+    momentum: float = 0.9
+    iters: int = 2000
+    batch_size: int = 128
+    project_noise: bool = False
+    seed: int = 0
+    layers: str = "auto"
+    train_mode: str = "all"
+    precision: str = "fp32"
+    device: Optional[str] = None
+
+    def __post_init__(self):
+        def bad(field, why):
+            raise ConfigError(f"ANPConfig.{field}={getattr(self, field)!r}: {why}")
+
+        def number(field):
+            v = getattr(self, field)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+                bad(field, "must be a finite number")
+            return float(v)
+
+        def integer(field, low):
+            v = getattr(self, field)
+            if isinstance(v, bool) or not isinstance(v, int):
+                bad(field, "must be an integer")
+            if v < low:
+                bad(field, f"must be >= {low}")
+
+        if number("eps") < 0:
+            bad("eps", "must be >= 0")
+        integer("steps", 1)
+        if not 0.0 <= number("alpha") <= 1.0:
+            bad("alpha", "must be in [0, 1]")
+        if number("lr") <= 0:
+            bad("lr", "must be > 0")
+        if not 0.0 <= number("momentum") < 1.0:
+            bad("momentum", "must be in [0, 1)")
+        integer("iters", 1)
+        integer("batch_size", 1)
+        integer("seed", 0)
+        if not isinstance(self.project_noise, bool):
+            bad("project_noise", "must be True or False")
+        for field, allowed in (("layers", LAYER_POLICIES), ("train_mode", TRAIN_MODES),
+                               ("precision", PRECISIONS)):
+            if getattr(self, field) not in allowed:
+                bad(field, f"must be one of {', '.join(allowed)}")
+        if self.device is not None and not isinstance(self.device, str):
+            bad("device", "must be a device string such as 'cpu' or 'cuda:0', or None")
+
+    @classmethod
+    def field_names(cls):
+        return [f.name for f in dataclasses.fields(cls)]
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "ANPConfig":
+        return cls(**values)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def replace(self, **changes) -> "ANPConfig":
+        return ANPConfig(**{**self.to_dict(), **changes})
+
+
+_dataclass_init = ANPConfig.__init__
+
+
+def _checked_init(self, *args, **kwargs):
+    unknown = sorted(set(kwargs) - set(ANPConfig.field_names()))
+    if unknown:
+        raise ConfigError(
+            f"ANPConfig has no field {', '.join(map(repr, unknown))}; "
+            f"valid fields: {', '.join(ANPConfig.field_names())}"
+        )
+    _dataclass_init(self, *args, **kwargs)
+
+
+_checked_init.__doc__ = _dataclass_init.__doc__
+ANPConfig.__init__ = _checked_init

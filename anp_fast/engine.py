@@ -1,0 +1,232 @@
+"""The ANP loop: ANPEngine (one iteration at a time) and optimize_masks (the whole run)."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+from .config import ANPConfig
+from .data import BatchSource, batch_source, check_labels
+from .errors import ConfigError, DataError, DivergenceError, ModelError
+from .layers import norm_kind
+from .progress import progress_bar
+from .surgery import PerturbedModel, perturb_model
+
+NoiseInit = Callable[[Tensor, Tensor, float], None]
+
+
+def _device_of(config: ANPConfig, model: nn.Module) -> torch.device:
+    if config.device is None:
+        param = next(model.parameters(), None)
+        return param.device if param is not None else torch.device("cpu")
+    try:
+        device = torch.device(config.device)
+    except RuntimeError as exc:
+        raise ConfigError(f"ANPConfig.device={config.device!r}: {exc}") from exc
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"ANPConfig.device={config.device!r}: no CUDA device is available here")
+    return device
+
+
+def logits_of(output) -> Tensor:
+    """The logits in a model's output: a tensor, the first item of a tuple, or an object's ``.logits``."""
+    if isinstance(output, Tensor):
+        logits = output
+    elif isinstance(output, (tuple, list)) and output and isinstance(output[0], Tensor):
+        logits = output[0]
+    elif isinstance(getattr(output, "logits", None), Tensor):
+        logits = output.logits
+    else:
+        raise ModelError(f"cannot find logits in the model's output of type {type(output).__name__}")
+    if logits.dim() != 2:
+        raise ModelError(f"the model's logits must be (batch, classes); got shape {tuple(logits.shape)}")
+    return logits
+
+
+class ANPEngine:
+    """Adversarial neuron perturbation over a perturbable copy of ``model`` (never modified).
+
+    ``step(x, y)`` runs one iteration of the published loop (ANP.md): draw d, e; ``steps`` signed-gradient
+    ascent steps on them; the mask step on alpha * CE(clean) + (1 - alpha) * CE(perturbed); SGD with
+    momentum on the flat mask, clamped to [0, 1].
+
+    ``noise_init(noise_w, noise_b, eps)`` fills the flat noise tensors in place at the start of each
+    iteration; the default draws U(-eps, eps) from a generator seeded by ``config.seed``. Pass your own to
+    replay recorded draws.
+    """
+
+    def __init__(self, model: nn.Module, config: Optional[ANPConfig] = None,
+                 noise_init: Optional[NoiseInit] = None):
+        self.config = config if config is not None else ANPConfig()
+        if not isinstance(self.config, ANPConfig):
+            raise ConfigError(f"config must be an ANPConfig, got {type(self.config).__name__}")
+        if isinstance(model, PerturbedModel):
+            self.model = model
+        else:
+            self.model = perturb_model(model, self.config.layers, device=_device_of(self.config, model))
+        self.device = self.model.state.device
+        state = self.model.state
+        self.momentum_buffer = torch.zeros_like(state.mask)
+        self.generator = torch.Generator(device=self.device)
+        self.generator.manual_seed(self.config.seed)
+        self.noise_init = noise_init if noise_init is not None else self.draw_noise
+        self.iteration = 0
+        self.num_classes: Optional[int] = None
+        self._set_mode()
+
+    def _set_mode(self) -> None:
+        net = self.model.net
+        if self.config.train_mode == "all":
+            net.train()
+        else:
+            net.eval()
+            for module in net.modules():
+                if norm_kind(module) is not None or isinstance(module, nn.modules.batchnorm._BatchNorm):
+                    module.train()
+
+    @property
+    def state(self):
+        return self.model.state
+
+    def draw_noise(self, noise_w: Tensor, noise_b: Tensor, eps: float) -> None:
+        """Default noise draw: d, e ~ U(-eps, eps) from the engine's seeded generator."""
+        noise_w.uniform_(-eps, eps, generator=self.generator)
+        noise_b.uniform_(-eps, eps, generator=self.generator)
+
+    def _loss(self, x: Tensor, y: Tensor) -> Tensor:
+        logits = logits_of(self.model.net(x))
+        if self.num_classes is None:  # once: a label out of range would fail deep inside cross_entropy
+            self.num_classes = logits.shape[1]
+            check_labels(y, self.num_classes)
+        return F.cross_entropy(logits, y)
+
+    def _noise_step(self, x: Tensor, y: Tensor) -> None:
+        cfg, state = self.config, self.state
+        with torch.no_grad():
+            self.noise_init(state.noise_w, state.noise_b, cfg.eps)
+        lr = cfg.eps / cfg.steps
+        noise_w, noise_b = state.noise_w.requires_grad_(True), state.noise_b.requires_grad_(True)
+        mask = state.mask.detach()
+        try:
+            for _ in range(cfg.steps):
+                state.set_coefficients((mask + noise_w).unsqueeze(0), (1.0 + noise_b).unsqueeze(0))
+                grad_w, grad_b = torch.autograd.grad(-self._loss(x, y), (noise_w, noise_b))
+                with torch.no_grad():
+                    noise_w.add_(grad_w.sign(), alpha=-lr)
+                    noise_b.add_(grad_b.sign(), alpha=-lr)
+                    if cfg.project_noise:
+                        noise_w.clamp_(-cfg.eps, cfg.eps)
+                        noise_b.clamp_(-cfg.eps, cfg.eps)
+        finally:
+            noise_w.requires_grad_(False)
+            noise_b.requires_grad_(False)
+
+    def step(self, x: Tensor, y: Tensor) -> Tensor:
+        """One ANP iteration on the batch (x, y); returns the mask loss (a detached device tensor)."""
+        cfg, state = self.config, self.state
+        x = x.to(self.device, non_blocking=True)
+        y = y.to(self.device, non_blocking=True)
+        if cfg.eps > 0:
+            self._noise_step(x, y)
+        mask = state.mask.requires_grad_(True)
+        try:
+            if cfg.eps > 0:
+                state.set_coefficients((mask + state.noise_w).unsqueeze(0), (1.0 + state.noise_b).unsqueeze(0))
+                loss_rob = self._loss(x, y)
+            state.use_clean()
+            loss = cfg.alpha * self._loss(x, y)
+            if cfg.eps > 0:
+                loss = loss + (1 - cfg.alpha) * loss_rob
+            (grad,) = torch.autograd.grad(loss, (mask,))
+        finally:
+            mask.requires_grad_(False)
+            state.use_clean()
+        with torch.no_grad():
+            self.momentum_buffer.mul_(cfg.momentum).add_(grad)
+            mask.add_(self.momentum_buffer, alpha=-cfg.lr).clamp_(0.0, 1.0)
+        self.iteration += 1
+        return loss.detach()
+
+    def masks(self) -> Dict[str, Tensor]:
+        """``{qualified name of the layer in the ORIGINAL model: 1-D mask}`` (copies)."""
+        return self.state.masks()
+
+
+@dataclass
+class ANPResult:
+    """What optimize_masks returns."""
+
+    masks: Dict[str, Tensor]
+    loss_history: List[float]
+    timings: Dict[str, float]
+    config: ANPConfig
+    num_neurons: int
+    layers: List[str] = field(default_factory=list)
+
+
+class Interrupted(KeyboardInterrupt):
+    """optimize_masks was interrupted; ``.result`` holds the masks and history reached so far."""
+
+    def __init__(self, result: ANPResult):
+        super().__init__(f"interrupted after {len(result.loss_history)} iterations")
+        self.result = result
+
+
+def optimize_masks(model: nn.Module, clean_data, config: Optional[ANPConfig] = None, progress: bool = True,
+                   noise_init: Optional[NoiseInit] = None, check_every: int = 50) -> ANPResult:
+    """Run ``config.iters`` iterations of ANP on batches drawn with replacement from ``clean_data``
+    (a Dataset, a DataLoader, or an (x, y) tensor pair) and return the masks, the loss history and timings.
+
+    The loss stays on the device and is checked every ``check_every`` iterations: a non-finite loss raises
+    DivergenceError naming the first bad iteration. Ctrl-C raises :class:`Interrupted` carrying the result
+    so far.
+    """
+    config = config if config is not None else ANPConfig()
+    engine = ANPEngine(model, config, noise_init=noise_init)
+    source: BatchSource = batch_source(clean_data, config.batch_size, config.iters, config.seed)
+    history = torch.zeros(config.iters, device=engine.device)
+    checked = 0
+
+    def check(upto: int):
+        nonlocal checked
+        window = history[checked:upto]
+        bad = ~torch.isfinite(window)
+        if bool(bad.any()):
+            first = int(bad.nonzero()[0, 0]) + checked
+            raise DivergenceError(first + 1, float(history[first]))
+        checked = upto
+
+    def result(done: int, seconds: float) -> ANPResult:
+        losses = history[:done].cpu().tolist()
+        return ANPResult(engine.masks(), losses,
+                         {"total_s": seconds, "per_iter_s": seconds / max(done, 1), "iters": done},
+                         config, engine.state.size, [s.name for s in engine.state.slots])
+
+    bar = progress_bar(total=config.iters, desc="ANP masks", unit="it", disable=not progress)
+    start = time.perf_counter()
+    done = 0
+    try:
+        for it, (x, y) in enumerate(source):
+            if engine.num_classes is not None and source.on_host:
+                check_labels(y, engine.num_classes)
+            history[it] = engine.step(x, y)
+            done = it + 1
+            if done == 1 and source.labels is not None:
+                check_labels(source.labels, engine.num_classes)
+            if done % check_every == 0 or done == config.iters:
+                check(done)
+                bar.set_postfix(loss=f"{float(history[done - 1]):.4f}", refresh=False)
+            bar.update(1)
+    except KeyboardInterrupt:
+        bar.close()
+        raise Interrupted(result(done, time.perf_counter() - start)) from None
+    finally:
+        bar.close()
+    if engine.device.type == "cuda":
+        torch.cuda.synchronize(engine.device)
+    return result(done, time.perf_counter() - start)

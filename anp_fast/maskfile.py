@@ -1,0 +1,82 @@
+"""Mask files in the published tab-separated format (read by other ANP tools):
+
+    No \\t Layer Name \\t Neuron Idx \\t Mask Score \\n
+    0 \\t layer1.0.bn1 \\t 0 \\t 0.9873 \\n
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from collections import OrderedDict
+from typing import Dict, Mapping
+
+import torch
+from torch import Tensor
+
+from .errors import MaskFileError
+
+HEADER = "No \t Layer Name \t Neuron Idx \t Mask Score \n"
+
+
+def save_masks(masks: Mapping[str, Tensor], path) -> None:
+    """Write ``{layer name: 1-D mask}`` in the published format (4 decimals), atomically."""
+    lines = [HEADER]
+    count = 0
+    for name, values in masks.items():
+        if any(ch.isspace() for ch in name) or not name:
+            raise MaskFileError(f"layer name {name!r} cannot be written: names must be non-empty, no spaces")
+        for idx, value in enumerate(torch.as_tensor(values).detach().flatten().tolist()):
+            lines.append(f"{count} \t {name} \t {idx} \t {value:.4f} \n")
+            count += 1
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".masks-", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.writelines(lines)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def load_masks(path) -> Dict[str, Tensor]:
+    """Read a mask file (published format; any whitespace separates fields; header optional) into
+    ``{layer name: 1-D float32 mask}``, layers in file order."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise MaskFileError(f"mask file {path} does not exist")
+    rows: "OrderedDict[str, dict]" = OrderedDict()
+    with open(path) as f:
+        for lineno, line in enumerate(f, 1):
+            fields = line.split()
+            if not fields:
+                continue
+            if lineno == 1 and fields[0] == "No":
+                continue
+            if len(fields) != 4:
+                raise MaskFileError(f"{path}:{lineno}: expected 4 fields (No, Layer Name, Neuron Idx, "
+                                    f"Mask Score), found {len(fields)}")
+            _, name, idx, score = fields
+            try:
+                idx, score = int(idx), float(score)
+            except ValueError:
+                raise MaskFileError(f"{path}:{lineno}: neuron index must be an integer and score a number, "
+                                    f"found {idx!r} and {score!r}") from None
+            layer = rows.setdefault(name, {})
+            if idx in layer:
+                raise MaskFileError(f"{path}:{lineno}: neuron {idx} of {name} appears twice")
+            layer[idx] = score
+    if not rows:
+        raise MaskFileError(f"mask file {path} holds no mask")
+    masks = OrderedDict()
+    for name, layer in rows.items():
+        n = len(layer)
+        if sorted(layer) != list(range(n)):
+            missing = sorted(set(range(max(layer) + 1)) - set(layer))[:5]
+            raise MaskFileError(f"{path}: layer {name} lacks neuron indices {missing}")
+        masks[name] = torch.tensor([layer[i] for i in range(n)], dtype=torch.float32)
+    return masks
