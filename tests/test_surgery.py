@@ -1,0 +1,144 @@
+"""Surgery on every supported architecture: counts, frozen weights, one engine step, gates for norm-free
+models, and per-layer views of the flat storage."""
+import pytest
+import torch
+import torch.nn as nn
+import torchvision
+
+from anp_fast import ANPConfig, ANPEngine, ModelError, perturb_model
+from anp_fast.models import preact_resnet18, resnet18, vgg16_bn
+
+NORMS = (nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm)
+
+
+def _norm_channels(model):
+    return sum(m.weight.numel() for m in model.modules()
+               if isinstance(m, NORMS) and isinstance(getattr(m, "weight", None), nn.Parameter))
+
+
+def _vit():
+    model = torchvision.models.vit_b_16(image_size=32, num_classes=7)
+    nn.init.normal_(model.heads.head.weight, std=0.02)  # torchvision zero-inits the head: no gradient at all
+    return model
+
+
+MODELS = {
+    "cifar_resnet18": (lambda: resnet18(10, 3, 8), (4, 3, 16, 16), 10),
+    "preact_resnet18": (lambda: preact_resnet18(10, 3, 8), (4, 3, 16, 16), 10),
+    "vgg16_bn": (lambda: vgg16_bn(10, 3, 0.125), (4, 3, 32, 32), 10),
+    "tv_resnet18": (lambda: torchvision.models.resnet18(num_classes=7), (4, 3, 32, 32), 7),
+    "tv_resnet50": (lambda: torchvision.models.resnet50(num_classes=7), (2, 3, 32, 32), 7),
+    "tv_mobilenet_v2": (lambda: torchvision.models.mobilenet_v2(num_classes=7), (2, 3, 32, 32), 7),
+    "tv_vit_b_16": (_vit, (2, 3, 32, 32), 7),
+    "tv_convnext_tiny": (lambda: torchvision.models.convnext_tiny(num_classes=7), (2, 3, 32, 32), 7),
+}
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_every_model_converts_and_steps(name):
+    build, shape, classes = MODELS[name]
+    torch.manual_seed(0)
+    model = build()
+    pm = perturb_model(model)
+    assert pm.policy == "norms"
+    assert pm.num_neurons == _norm_channels(model) > 0
+    assert not any(p.requires_grad for p in pm.parameters())
+    # every norm with a scale became perturbable, nothing else did
+    converted = {s.name for s in pm.slots}
+    expected = {n for n, m in model.named_modules()
+                if isinstance(m, NORMS) and isinstance(getattr(m, "weight", None), nn.Parameter)}
+    assert converted == expected
+    engine = ANPEngine(model, ANPConfig(batch_size=shape[0]))
+    x = torch.randn(shape)
+    y = torch.randint(0, classes, (shape[0],))
+    loss = engine.step(x, y)
+    assert torch.isfinite(loss)
+    masks = engine.masks()
+    assert sum(m.numel() for m in masks.values()) == pm.num_neurons
+    moved = max(float((1 - m).abs().max()) for m in masks.values())
+    assert 0 < moved and all(float(m.min()) >= 0 and float(m.max()) <= 1 for m in masks.values())
+
+
+def test_clean_forward_equals_original():
+    """With m = 1 and no noise the perturbable copy computes exactly what the model computes."""
+    torch.manual_seed(0)
+    for build, shape, _ in (MODELS["cifar_resnet18"], MODELS["tv_convnext_tiny"], MODELS["tv_vit_b_16"]):
+        model = build().eval()
+        pm = perturb_model(model).eval()
+        x = torch.randn(shape)
+        with torch.no_grad():
+            torch.testing.assert_close(pm(x), model(x), rtol=1e-5, atol=1e-5)
+        model.train(), pm.train()
+        with torch.no_grad():
+            torch.testing.assert_close(pm(x), model(x), rtol=1e-5, atol=1e-5)
+
+
+def test_mask_zero_removes_neuron():
+    """Masking a neuron through the flat storage equals zeroing its scale in the model."""
+    torch.manual_seed(0)
+    model = resnet18(10, 3, 8).eval()
+    pm = perturb_model(model).eval()
+    slot = pm.slots[3]
+    pm.state.mask[slot.offset + 2] = 0
+    ref = __import__("copy").deepcopy(model)
+    with torch.no_grad():
+        dict(ref.named_modules())[slot.name].weight[2] = 0
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(pm(x), ref(x))
+
+
+class NoNorm(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 6, 3, padding=1)
+        self.c2 = nn.Conv2d(6, 5, 3, padding=1)
+        self.fc1 = nn.Linear(5, 9)
+        self.head = nn.Linear(9, 4)
+
+    def forward(self, x):
+        x = torch.relu(self.c2(torch.relu(self.c1(x))))
+        return self.head(torch.relu(self.fc1(x.mean((2, 3)))))
+
+
+def test_norm_free_model_gets_gates():
+    torch.manual_seed(0)
+    model = NoNorm()
+    pm = perturb_model(model)
+    assert pm.policy == "gates"
+    assert [(s.name, s.size) for s in pm.slots] == [("c1", 6), ("c2", 5), ("fc1", 9)]  # never the head
+    x = torch.randn(3, 3, 6, 6)
+    with torch.no_grad():
+        torch.testing.assert_close(pm(x), model(x))
+        # a gate value scales the conv output (bias untouched): same as scaling the conv's weight rows
+        pm.state.mask[pm.slots[0].offset + 1] = 0.5
+        ref = __import__("copy").deepcopy(model)
+        ref.c1.weight[1] *= 0.5
+        torch.testing.assert_close(pm(x), ref(x))
+    engine = ANPEngine(model, ANPConfig(batch_size=3))
+    assert torch.isfinite(engine.step(x, torch.tensor([0, 1, 3])))
+
+
+def test_gates_forced_on_a_norm_model():
+    model = resnet18(10, 3, 4)
+    pm = perturb_model(model, layers="gates")
+    convs = [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d)]
+    assert [s.name for s in pm.slots] == convs  # all convs; the linear head is left alone
+
+
+def test_nothing_to_perturb_is_a_clear_error():
+    with pytest.raises(ModelError, match="nothing to perturb"):
+        perturb_model(nn.Sequential(nn.Flatten(), nn.Linear(4, 2)))
+    with pytest.raises(ModelError, match="nothing to perturb"):
+        perturb_model(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4, affine=False)), layers="norms")
+    with pytest.raises(ModelError, match="torch.nn.Module"):
+        perturb_model("resnet18")
+
+
+def test_flat_storage_views_share_memory():
+    pm = perturb_model(resnet18(10, 3, 4))
+    views = pm.state.views(pm.state.mask)
+    assert sum(v.numel() for v in views.values()) == pm.state.mask.numel()
+    for v in views.values():
+        assert v.data_ptr() >= pm.state.mask.data_ptr()
+        assert v.untyped_storage().data_ptr() == pm.state.mask.untyped_storage().data_ptr()
