@@ -46,8 +46,8 @@ def run_demo(out: str = "anp_demo_out", iters: int = 1000, threshold: float = 0.
              log=print) -> dict:
     """Run the whole demo and write masks.txt, summary.json, sweep.csv, anp_demo.png, purified.pt into
     ``out``. Returns the summary."""
+    config = (config or ANPConfig()).replace(iters=iters, seed=seed)  # validates before anything is written
     _prepare_out(out, overwrite)
-    config = (config or ANPConfig()).replace(iters=iters, seed=seed)  # validates iters
     torch.manual_seed(seed)
     t_start = time.perf_counter()
     splits = load_digits(seed=seed)
