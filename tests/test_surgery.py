@@ -142,3 +142,55 @@ def test_flat_storage_views_share_memory():
     for v in views.values():
         assert v.data_ptr() >= pm.state.mask.data_ptr()
         assert v.untyped_storage().data_ptr() == pm.state.mask.untyped_storage().data_ptr()
+
+
+class MixedNorms(nn.Module):
+    """BatchNorm1d, GroupNorm, LayerNorm over two dims, and a norm without affine scale (left alone)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.gn = nn.GroupNorm(4, 8)
+        self.plain = nn.BatchNorm2d(8, affine=False)
+        self.ln = nn.LayerNorm([8, 4, 4])
+        self.fc = nn.Linear(8, 6)
+        self.bn1d = nn.BatchNorm1d(6)
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, x):
+        x = self.ln(self.plain(torch.relu(self.gn(self.conv(x)))))
+        return self.head(torch.relu(self.bn1d(self.fc(x.mean((2, 3))))))
+
+
+def test_mixed_norm_kinds():
+    torch.manual_seed(0)
+    model = MixedNorms()
+    for m in model.modules():  # non-trivial affine parameters, so a wrong view would show
+        if isinstance(m, (nn.GroupNorm, nn.LayerNorm, nn.BatchNorm1d)):
+            nn.init.normal_(m.weight, 1, 0.3)
+            nn.init.normal_(m.bias, 0, 0.3)
+    pm = perturb_model(model)
+    assert [(s.name, s.kind, s.size) for s in pm.slots] == [
+        ("gn", "group_norm", 8), ("ln", "layer_norm", 128), ("bn1d", "batch_norm", 6)]
+    x = torch.randn(5, 3, 4, 4)
+    for train in (False, True):  # eval first: a train-mode pass updates the original's running stats
+        model.train(train), pm.train(train)
+        with torch.no_grad():
+            torch.testing.assert_close(pm(x), model(x))
+    # a perturbed pass equals the model with scale * (m + d) and shift * (1 + e) written into it
+    state = pm.state
+    with torch.no_grad():
+        state.mask.uniform_(0.2, 1)
+        state.noise_w.uniform_(-0.4, 0.4)
+        state.noise_b.uniform_(-0.4, 0.4)
+        state.use_perturbed()
+        ref = __import__("copy").deepcopy(model)
+        mods = dict(ref.named_modules())
+        for s in pm.slots:
+            sl = slice(s.offset, s.offset + s.size)
+            w = mods[s.name].weight
+            w.mul_((state.mask[sl] + state.noise_w[sl]).view(w.shape))
+            mods[s.name].bias.mul_((1 + state.noise_b[sl]).view(w.shape))
+        torch.testing.assert_close(pm(x), ref(x))
+    engine = ANPEngine(model, ANPConfig(batch_size=5))
+    assert torch.isfinite(engine.step(x, torch.tensor([0, 1, 2, 0, 1])))
