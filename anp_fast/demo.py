@@ -15,6 +15,7 @@ from .config import ANPConfig
 from .data import load_digits
 from .engine import Interrupted, optimize_masks
 from .errors import ANPError
+from .fileio import atomic_torch_save
 from .maskfile import save_masks
 from .models import resnet18
 from .pruning import prune, pruned_count, sweep
@@ -78,7 +79,7 @@ def run_demo(out: str = "anp_demo_out", iters: int = 1000, threshold: float = 0.
     save_masks(result.masks, os.path.join(out, "masks.txt"))
     purified = prune(model, result.masks, threshold=threshold)
     after = evaluate(purified)
-    torch.save(purified.state_dict(), os.path.join(out, "purified.pt"))
+    atomic_torch_save(purified.state_dict(), os.path.join(out, "purified.pt"))
     rows = sweep(model, result.masks, evaluate)
     write_csv(os.path.join(out, "sweep.csv"), rows)
     plot_masks_and_sweep(os.path.join(out, "anp_demo.png"), result.masks, rows, chosen=threshold,

@@ -12,7 +12,7 @@ from torch import Tensor
 
 from .config import ANPConfig
 from .data import BatchSource, batch_source, check_labels
-from .errors import ConfigError, DataError, DivergenceError, ModelError
+from .errors import ConfigError, DivergenceError, ModelError
 from .layers import norm_kind
 from .progress import progress_bar
 from .surgery import PerturbedModel, perturb_model

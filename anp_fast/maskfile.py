@@ -6,7 +6,6 @@
 from __future__ import annotations
 
 import os
-import tempfile
 from collections import OrderedDict
 from typing import Dict, Mapping
 
@@ -14,6 +13,7 @@ import torch
 from torch import Tensor
 
 from .errors import MaskFileError
+from .fileio import atomic_write_text
 
 HEADER = "No \t Layer Name \t Neuron Idx \t Mask Score \n"
 
@@ -28,19 +28,7 @@ def save_masks(masks: Mapping[str, Tensor], path) -> None:
         for idx, value in enumerate(torch.as_tensor(values).detach().flatten().tolist()):
             lines.append(f"{count} \t {name} \t {idx} \t {value:.4f} \n")
             count += 1
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".masks-", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.writelines(lines)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_write_text(os.fspath(path), "".join(lines))
 
 
 def load_masks(path) -> Dict[str, Tensor]:

@@ -3,27 +3,11 @@ from __future__ import annotations
 
 import csv
 import json
-import os
-import tempfile
-from typing import Dict, List, Mapping, Optional, Sequence
+from typing import List, Mapping, Optional, Sequence
 
 import torch
 
-
-def atomic_write_text(path: str, text: str) -> None:
-    """Write a file so that an interruption leaves either the old file or the whole new one."""
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.basename(path))
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+from .fileio import atomic_write, atomic_write_text
 
 
 def write_json(path: str, data: dict) -> None:
@@ -81,7 +65,7 @@ def plot_masks_and_sweep(path: str, masks: Mapping[str, torch.Tensor], sweep_row
     ax2.set_title("accuracy and attack success vs threshold")
     fig.suptitle(title)
     fig.tight_layout()
-    tmp = path + ".tmp.png"
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
+    try:
+        atomic_write(path, lambda f: fig.savefig(f, dpi=110, format="png"), binary=True)
+    finally:
+        plt.close(fig)

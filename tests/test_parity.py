@@ -1,5 +1,4 @@
 """The engine against the straightforward eager published loop (tests/reference_anp.py)."""
-import copy
 
 import pytest
 import torch
@@ -100,3 +99,16 @@ def test_seeded_runs_repeat(tiny_resnet, tiny_batches):
             for s in (7, 7, 8)]
     assert all(torch.equal(runs[0].masks[k], runs[1].masks[k]) for k in runs[0].masks)
     assert any(not torch.equal(runs[0].masks[k], runs[2].masks[k]) for k in runs[0].masks)
+
+
+def test_dataset_and_loader_inputs(tiny_resnet, tiny_batches):
+    from torch.utils.data import DataLoader, TensorDataset
+
+    x = torch.cat([b[0] for b in tiny_batches])
+    y = torch.cat([b[1] for b in tiny_batches])
+    config = ANPConfig(iters=3, batch_size=8)
+    for data in (TensorDataset(x, y), DataLoader(TensorDataset(x, y), batch_size=8, shuffle=True)):
+        result = optimize_masks(tiny_resnet, data, config, progress=False)
+        assert len(result.loss_history) == 3 and all(v == v for v in result.loss_history)
+        assert result.num_neurons == sum(m.numel() for m in result.masks.values())
+        assert any(float((1 - m).abs().max()) > 0 for m in result.masks.values())
