@@ -10,7 +10,7 @@ from .errors import ConfigError
 
 LAYER_POLICIES = ("auto", "norms", "gates")
 TRAIN_MODES = ("all", "norms")
-PRECISIONS = ("fp32",)
+PRECISIONS = ("fp32", "bf16", "mixed")
 
 
 @dataclass
@@ -29,8 +29,17 @@ class ANPConfig:
         "norms" or "gates" force one kind.
     train_mode: "all" puts the whole model in train mode (published); "norms" only the norm layers
         (dropout and stochastic depth off, batch statistics still used).
-    precision: "fp32".
+    precision: "fp32" (exact); "bf16" (autocast for every pass); "mixed" (the noise step in bf16, since
+        only the sign of its gradient is used; the mask step in fp32).
     device: where the loop runs; None keeps the model's device.
+
+    Fast paths (results equal the published loop up to float rounding):
+    channels_last: run conv models in channels_last memory format (None: when the model has a Conv2d).
+    merge_passes: the clean and perturbed passes of the mask step run as ONE pass over the batch twice,
+        each half normalised with its own statistics and coefficients: bit-identical results (None: on
+        CUDA only; on CPU the doubled batch is measured slower).
+    compile: torch.compile the model passes (None: on CUDA only; on CPU compiling takes tens of seconds
+        and pays off over long runs). ``fullgraph``: demand that the model compiles with no graph break.
     """
 
     eps: float = 0.4
@@ -46,6 +55,10 @@ class ANPConfig:
     train_mode: str = "all"
     precision: str = "fp32"
     device: Optional[str] = None
+    channels_last: Optional[bool] = None
+    merge_passes: Optional[bool] = None
+    compile: Optional[bool] = None
+    fullgraph: bool = True
 
     def __post_init__(self):
         def bad(field, why):
@@ -76,8 +89,12 @@ class ANPConfig:
         integer("iters", 1)
         integer("batch_size", 1)
         integer("seed", 0)
-        if not isinstance(self.project_noise, bool):
-            bad("project_noise", "must be True or False")
+        for field in ("project_noise", "fullgraph"):
+            if not isinstance(getattr(self, field), bool):
+                bad(field, "must be True or False")
+        for field in ("channels_last", "merge_passes", "compile"):
+            if getattr(self, field) not in (None, True, False):
+                bad(field, "must be True, False or None (automatic)")
         for field, allowed in (("layers", LAYER_POLICIES), ("train_mode", TRAIN_MODES),
                                ("precision", PRECISIONS)):
             if getattr(self, field) not in allowed:

@@ -53,7 +53,8 @@ class ANPEngine:
 
     ``step(x, y)`` runs one iteration of the published loop (ANP.md): draw d, e; ``steps`` signed-gradient
     ascent steps on them; the mask step on alpha * CE(clean) + (1 - alpha) * CE(perturbed); SGD with
-    momentum on the flat mask, clamped to [0, 1].
+    momentum on the flat mask, clamped to [0, 1]. The phases are public (``noise_step``, ``mask_loss``,
+    ``mask_grad``, ``update``) so profilers and other front ends can drive them one by one.
 
     ``noise_init(noise_w, noise_b, eps)`` fills the flat noise tensors in place at the start of each
     iteration; the default draws U(-eps, eps) from a generator seeded by ``config.seed``. Pass your own to
@@ -62,18 +63,26 @@ class ANPEngine:
 
     def __init__(self, model: nn.Module, config: Optional[ANPConfig] = None,
                  noise_init: Optional[NoiseInit] = None):
-        self.config = config if config is not None else ANPConfig()
-        if not isinstance(self.config, ANPConfig):
-            raise ConfigError(f"config must be an ANPConfig, got {type(self.config).__name__}")
+        self.config = cfg = config if config is not None else ANPConfig()
+        if not isinstance(cfg, ANPConfig):
+            raise ConfigError(f"config must be an ANPConfig, got {type(cfg).__name__}")
         if isinstance(model, PerturbedModel):
             self.model = model
         else:
-            self.model = perturb_model(model, self.config.layers, device=_device_of(self.config, model))
+            self.model = perturb_model(model, cfg.layers, device=_device_of(cfg, model))
         self.device = self.model.state.device
-        state = self.model.state
-        self.momentum_buffer = torch.zeros_like(state.mask)
+        net = self.model.net
+        self.channels_last = cfg.channels_last if cfg.channels_last is not None else any(
+            isinstance(m, nn.Conv2d) for m in net.modules())
+        if self.channels_last:
+            net.to(memory_format=torch.channels_last)
+        on_gpu = self.device.type == "cuda"
+        self.merge_passes = cfg.merge_passes if cfg.merge_passes is not None else on_gpu
+        self.compiled = cfg.compile if cfg.compile is not None else on_gpu
+        self.forward = torch.compile(net, dynamic=False, fullgraph=cfg.fullgraph) if self.compiled else net
+        self.momentum_buffer = torch.zeros_like(self.state.mask)
         self.generator = torch.Generator(device=self.device)
-        self.generator.manual_seed(self.config.seed)
+        self.generator.manual_seed(cfg.seed)
         self.noise_init = noise_init if noise_init is not None else self.draw_noise
         self.iteration = 0
         self.num_classes: Optional[int] = None
@@ -93,19 +102,30 @@ class ANPEngine:
     def state(self):
         return self.model.state
 
+    def _autocast(self, low_precision: bool):
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=low_precision)
+
     def draw_noise(self, noise_w: Tensor, noise_b: Tensor, eps: float) -> None:
         """Default noise draw: d, e ~ U(-eps, eps) from the engine's seeded generator."""
         noise_w.uniform_(-eps, eps, generator=self.generator)
         noise_b.uniform_(-eps, eps, generator=self.generator)
 
-    def _loss(self, x: Tensor, y: Tensor) -> Tensor:
-        logits = logits_of(self.model.net(x))
+    def prepare(self, x: Tensor, y: Tensor):
+        """The batch on the engine's device and in its memory format."""
+        x = x.to(self.device, non_blocking=True)
+        if self.channels_last and x.dim() == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return x, y.to(self.device, non_blocking=True)
+
+    def _logits(self, x: Tensor, y: Tensor) -> Tensor:
+        logits = logits_of(self.forward(x))
         if self.num_classes is None:  # once: a label out of range would fail deep inside cross_entropy
             self.num_classes = logits.shape[1]
             check_labels(y, self.num_classes)
-        return F.cross_entropy(logits, y)
+        return logits
 
-    def _noise_step(self, x: Tensor, y: Tensor) -> None:
+    def noise_step(self, x: Tensor, y: Tensor) -> None:
+        """Draw d, e and take ``steps`` signed-gradient ascent steps on them (the mask held fixed)."""
         cfg, state = self.config, self.state
         with torch.no_grad():
             self.noise_init(state.noise_w, state.noise_b, cfg.eps)
@@ -115,7 +135,9 @@ class ANPEngine:
         try:
             for _ in range(cfg.steps):
                 state.set_coefficients((mask + noise_w).unsqueeze(0), (1.0 + noise_b).unsqueeze(0))
-                grad_w, grad_b = torch.autograd.grad(-self._loss(x, y), (noise_w, noise_b))
+                with self._autocast(cfg.precision != "fp32"):
+                    loss = -F.cross_entropy(self._logits(x, y).float(), y)
+                grad_w, grad_b = torch.autograd.grad(loss, (noise_w, noise_b))
                 with torch.no_grad():
                     noise_w.add_(grad_w.sign(), alpha=-lr)
                     noise_b.add_(grad_b.sign(), alpha=-lr)
@@ -125,31 +147,62 @@ class ANPEngine:
         finally:
             noise_w.requires_grad_(False)
             noise_b.requires_grad_(False)
-
-    def step(self, x: Tensor, y: Tensor) -> Tensor:
-        """One ANP iteration on the batch (x, y); returns the mask loss (a detached device tensor)."""
-        cfg, state = self.config, self.state
-        x = x.to(self.device, non_blocking=True)
-        y = y.to(self.device, non_blocking=True)
-        if cfg.eps > 0:
-            self._noise_step(x, y)
-        mask = state.mask.requires_grad_(True)
-        try:
-            if cfg.eps > 0:
-                state.set_coefficients((mask + state.noise_w).unsqueeze(0), (1.0 + state.noise_b).unsqueeze(0))
-                loss_rob = self._loss(x, y)
             state.use_clean()
-            loss = cfg.alpha * self._loss(x, y)
-            if cfg.eps > 0:
-                loss = loss + (1 - cfg.alpha) * loss_rob
+
+    def mask_loss(self, x: Tensor, y: Tensor) -> Tensor:
+        """alpha * CE(clean) + (1 - alpha) * CE(perturbed), differentiable in ``state.mask``; the two passes
+        run as one pass over the batch twice when ``merge_passes``."""
+        cfg, state = self.config, self.state
+        mask = state.mask.requires_grad_(True)
+        with self._autocast(cfg.precision == "bf16"):
+            if cfg.eps == 0:
+                state.use_clean()
+                return cfg.alpha * F.cross_entropy(self._logits(x, y).float(), y)
+            perturbed_w, perturbed_b = mask + state.noise_w, 1.0 + state.noise_b
+            if self.merge_passes:
+                state.set_coefficients(torch.stack((mask, perturbed_w)),
+                                       torch.stack((torch.ones_like(perturbed_b), perturbed_b)))
+                logits = self._logits(torch.cat((x, x)), y).float()
+                batch = x.shape[0]
+                loss_nat = F.cross_entropy(logits[:batch], y)
+                loss_rob = F.cross_entropy(logits[batch:], y)
+            else:
+                state.set_coefficients(perturbed_w.unsqueeze(0), perturbed_b.unsqueeze(0))
+                loss_rob = F.cross_entropy(self._logits(x, y).float(), y)
+                state.use_clean()
+                loss_nat = F.cross_entropy(self._logits(x, y).float(), y)
+        return cfg.alpha * loss_nat + (1 - cfg.alpha) * loss_rob
+
+    def mask_grad(self, loss: Tensor) -> Tensor:
+        """d loss / d mask (input gradients only: no weight of the model requires one)."""
+        mask = self.state.mask
+        try:
             (grad,) = torch.autograd.grad(loss, (mask,))
         finally:
             mask.requires_grad_(False)
-            state.use_clean()
-        with torch.no_grad():
-            self.momentum_buffer.mul_(cfg.momentum).add_(grad)
-            mask.add_(self.momentum_buffer, alpha=-cfg.lr).clamp_(0.0, 1.0)
+            self.state.use_clean()
+        return grad
+
+    @torch.no_grad()
+    def update(self, grad: Tensor) -> None:
+        """SGD with momentum on the flat mask, then clamp to [0, 1]."""
+        cfg = self.config
+        self.momentum_buffer.mul_(cfg.momentum).add_(grad)
+        self.state.mask.add_(self.momentum_buffer, alpha=-cfg.lr).clamp_(0.0, 1.0)
         self.iteration += 1
+
+    def step(self, x: Tensor, y: Tensor) -> Tensor:
+        """One ANP iteration on the batch (x, y); returns the mask loss (a detached device tensor)."""
+        x, y = self.prepare(x, y)
+        if self.config.eps > 0:
+            self.noise_step(x, y)
+        try:
+            loss = self.mask_loss(x, y)
+        except BaseException:
+            self.state.mask.requires_grad_(False)
+            self.state.use_clean()
+            raise
+        self.update(self.mask_grad(loss))
         return loss.detach()
 
     def masks(self) -> Dict[str, Tensor]:

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from anp_fast import ANPConfig, ANPEngine, optimize_masks, prune
-from reference_anp import PublishedANP, noisy_layers
+from anp_fast_bench.published_loop import PublishedANP, noisy_layers
 
 
 def _replay(engine_layers, iters, eps, seed=3):
@@ -18,8 +18,11 @@ def _replay(engine_layers, iters, eps, seed=3):
     return flat, per_layer
 
 
+EXACT = dict(channels_last=False, merge_passes=False, compile=False)
+
+
 def _run_both(model, batches, n_steps, **cfg):
-    config = ANPConfig(**cfg)
+    config = ANPConfig(**{**EXACT, **cfg})
     draws_flat, draws_layers = None, None
     engine = ANPEngine(model, config)
     if config.eps > 0:

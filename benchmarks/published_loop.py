@@ -2,7 +2,8 @@
 per-module NoisyBatchNorm2d with its own mask/noise Parameters and is_perturbed flag, every weight left
 requiring grad, separate perturbed and clean passes, torch.optim.SGD for the mask (momentum) and the noise
 (sign of the gradient, lr = eps / steps). Used as the parity reference of the engine and as the baseline of
-the benchmarks. ``draw`` replaces the random noise draw so recorded values can be replayed."""
+the benchmarks. It imports nothing from anp_fast, so it is an independent check. ``draws`` replaces the
+random noise draw so recorded values can be replayed."""
 from __future__ import annotations
 
 import copy
