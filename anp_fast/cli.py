@@ -6,7 +6,7 @@ import sys
 from typing import List, Optional
 
 from . import __version__
-from .config import LAYER_POLICIES, TRAIN_MODES, ANPConfig
+from .config import LAYER_POLICIES, PRECISIONS, TRAIN_MODES, ANPConfig
 from .engine import Interrupted
 from .errors import ANPError
 
@@ -25,12 +25,22 @@ def _add_config_flags(p: argparse.ArgumentParser, skip=("iters", "seed")) -> Non
     g.add_argument("--train-mode", choices=TRAIN_MODES, default=d.train_mode,
                    help="'all': whole model in train mode (published); 'norms': only the norm layers")
     g.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: where the model is)")
+    g.add_argument("--precision", choices=PRECISIONS, default=d.precision,
+                   help="fp32 (exact), bf16 (all passes), mixed (noise step bf16, mask step fp32)")
+    f = p.add_argument_group("fast paths (default: automatic)")
+    f.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
+                   help="channels_last memory format (default: on for conv models)")
+    f.add_argument("--merge-passes", action=argparse.BooleanOptionalAction, default=None,
+                   help="clean and perturbed passes as one pass over the batch twice (default: on CUDA)")
+    f.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="torch.compile the model passes (default: on CUDA)")
 
 
 def _config_from(args) -> ANPConfig:
     return ANPConfig(eps=args.eps, steps=args.steps, alpha=args.alpha, lr=args.lr, momentum=args.momentum,
                      batch_size=args.batch_size, project_noise=args.project_noise, layers=args.layers,
-                     train_mode=args.train_mode, device=args.device)
+                     train_mode=args.train_mode, device=args.device, precision=args.precision,
+                     channels_last=args.channels_last, merge_passes=args.merge_passes, compile=args.compile)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -41,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
                           description="Train a small ResNet on scikit-learn's digits with a backdoor, run ANP on "
                                       "a clean split the attack never touched, prune, report ACC/ASR.")
     demo.add_argument("--out", default="anp_demo_out", help="output folder (default: %(default)s)")
-    demo.add_argument("--iters", type=int, default=1000, help="ANP iterations (default: %(default)s)")
+    demo.add_argument("--iters", type=int, default=2000, help="ANP iterations (default: %(default)s, published)")
     demo.add_argument("--threshold", type=float, default=0.2, help="prune masks <= this (default: %(default)s)")
     demo.add_argument("--trigger", choices=("badnets", "blend"), default="badnets")
     demo.add_argument("--target", type=int, default=0, help="backdoor target class (0-9)")
@@ -51,6 +61,13 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--overwrite", action="store_true", help="replace results already in --out")
     demo.add_argument("--no-progress", action="store_true", help="no progress bars")
     _add_config_flags(demo)
+    bench = sub.add_parser("bench", help="time ANP iterations: the eager published loop against the engine",
+                           description="Time one ANP iteration of the eager published loop and of engine modes, "
+                                       "interleaved in one process; report medians, ratios, step / 6F and peak "
+                                       "memory; write JSON/CSV/markdown results.")
+    from anp_fast_bench.bench import add_arguments
+
+    add_arguments(bench)
     return parser
 
 
@@ -68,6 +85,12 @@ def _demo(args) -> int:
     return 0
 
 
+def _bench(args) -> int:
+    from anp_fast_bench.bench import run_cli
+
+    return run_cli(args)
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -75,7 +98,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         parser.print_help()
         return 2
     try:
-        return {"demo": _demo}[args.command](args)
+        return {"demo": _demo, "bench": _bench}[args.command](args)
     except ANPError as exc:
         print(f"anp-fast: error: {exc}", file=sys.stderr)
         return 2

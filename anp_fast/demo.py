@@ -41,7 +41,7 @@ def _prepare_out(out: str, overwrite: bool) -> None:
                        "choose another --out or pass --overwrite")
 
 
-def run_demo(out: str = "anp_demo_out", iters: int = 1000, threshold: float = 0.2, trigger: str = "badnets",
+def run_demo(out: str = "anp_demo_out", iters: int = 2000, threshold: float = 0.2, trigger: str = "badnets",
              target: int = 0, poison_rate: float = 0.1, epochs: int = 15, seed: int = 0, width: int = 16,
              config: Optional[ANPConfig] = None, progress: bool = True, overwrite: bool = False,
              log=print) -> dict:

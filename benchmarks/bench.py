@@ -163,6 +163,70 @@ def run(model_name="cifar_resnet18", batch=128, modes=None, rounds=5, iters=1, w
             "raw_s": times}
 
 
+def profile(model_name="cifar_resnet18", batch=128, mode="cl", rounds=5, warmup=2, device="cpu", seed=0,
+            trace: Optional[str] = None, log=print) -> Dict:
+    """Break one engine iteration into its phases (noise step, mask forward, mask backward, update), timed
+    with synchronisation; medians over ``rounds``. ``trace``: also write a torch.profiler (Chrome) trace of
+    one iteration there."""
+    from anp_fast import ANPConfig, ANPEngine
+
+    config = parse_mode(mode)
+    if config is None:
+        raise ValueError("profile an engine mode, not 'published'")
+    device = torch.device(device)
+    torch.manual_seed(seed)
+    model, shape = build_model(model_name)
+    engine = ANPEngine(model.to(device), ANPConfig(seed=seed, device=str(device), **config))
+    g = torch.Generator().manual_seed(seed)
+    x0 = torch.rand(batch, *shape, generator=g)
+    y0 = torch.randint(0, 10, (batch,), generator=g)
+    phases = {"noise step": [], "mask forward": [], "mask backward": [], "update": []}
+
+    def iteration(record: bool):
+        x, y = engine.prepare(x0, y0)
+        marks = [time.perf_counter()]
+
+        def mark():
+            _sync(device)
+            marks.append(time.perf_counter())
+        engine.noise_step(x, y)
+        mark()
+        loss = engine.mask_loss(x, y)
+        mark()
+        grad = engine.mask_grad(loss)
+        mark()
+        engine.update(grad)
+        mark()
+        if record:
+            for name, a, b in zip(phases, marks, marks[1:]):
+                phases[name].append(b - a)
+
+    for _ in range(warmup):
+        iteration(False)
+    for _ in range(rounds):
+        iteration(True)
+    med = {k: statistics.median(v) for k, v in phases.items()}
+    total = sum(med.values())
+    if trace:
+        from torch.profiler import ProfilerActivity
+        from torch.profiler import profile as torch_profile
+
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+        with torch_profile(activities=activities, record_shapes=True) as prof:
+            iteration(False)
+        prof.export_chrome_trace(trace)
+        log(f"wrote the trace of one iteration to {trace}")
+    return {"model": model_name, "batch": batch, "mode": mode, "phases_s": med, "total_s": total}
+
+
+def format_profile(result: Dict) -> str:
+    lines = [f"{result['model']}, batch {result['batch']}, mode {result['mode']}: "
+             f"{result['total_s']:.3f} s/iteration", "| phase | s | share |", "|---|---|---|"]
+    for name, t in result["phases_s"].items():
+        lines.append(f"| {name} | {t:.4f} | {100 * t / result['total_s']:.1f}% |")
+    return "\n".join(lines)
+
+
 def peak_memory(model_name: str, batch: int, mode: str, device: str, steps: int = 2) -> float:
     """Peak memory (MiB) of ``steps`` iterations of ``mode`` measured in a fresh subprocess."""
     code = (f"from anp_fast_bench.bench import _memory_probe; "
@@ -273,9 +337,21 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
     p.add_argument("--out", default="benchmarks/results", help="folder for the JSON/CSV/markdown results")
+    p.add_argument("--profile", metavar="MODE", default=None,
+                   help="instead of timing modes, break one iteration of engine MODE into its phases")
+    p.add_argument("--trace", default=None, help="with --profile: write a torch.profiler trace here")
 
 
 def run_cli(args) -> int:
+    if args.profile:
+        try:
+            parse_mode(args.profile)
+        except ValueError as exc:
+            raise SystemExit(f"anp-fast bench: {exc}") from None
+        result = profile(args.model, args.batch, args.profile, args.rounds, args.warmup, args.device,
+                         trace=args.trace, log=lambda s: print(s, file=sys.stderr, flush=True))
+        print(format_profile(result))
+        return 0
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     try:
         [parse_mode(m) for m in modes]

@@ -12,10 +12,12 @@ from anp_fast.cli import main
 from anp_fast.models import resnet18
 
 
-def test_demo_purifies_the_backdoor(tmp_path, capsys):
-    """The issue's acceptance on a real backdoor: ASR >= 95% before, <= 5% after, ACC drop <= 2 points."""
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_demo_purifies_the_backdoor(tmp_path, capsys, precision):
+    """The acceptance on a real backdoor: ASR >= 95% before, <= 5% after, ACC drop <= 2 points, in the
+    exact precision and in bf16."""
     out = tmp_path / "demo"
-    assert main(["demo", "--out", str(out), "--no-progress"]) == 0
+    assert main(["demo", "--out", str(out), "--no-progress", "--precision", precision]) == 0
     summary = json.loads((out / "summary.json").read_text())
     assert summary["before"]["asr"] >= 0.95
     assert summary["after"]["asr"] <= 0.05
@@ -32,6 +34,7 @@ def test_demo_purifies_the_backdoor(tmp_path, capsys):
     assert (out / "anp_demo.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     text = capsys.readouterr().out
     assert "before ANP" in text and "after ANP (t=0.2)" in text
+    assert summary["config"]["precision"] == precision and summary["config"]["iters"] == 2000
 
 
 def test_demo_refuses_a_folder_with_foreign_results(tmp_path, capsys):

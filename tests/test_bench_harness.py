@@ -1,0 +1,48 @@
+"""The benchmark harness runs and reports every field (timings themselves are not asserted: they belong to
+benchmarks/results, not to tests)."""
+import json
+
+import pytest
+
+from anp_fast.cli import main
+from anp_fast_bench import bench
+
+
+def test_parse_mode():
+    assert bench.parse_mode("published") is None
+    assert bench.parse_mode("cl+bf16+compile") == dict(channels_last=True, merge_passes=False, compile=True,
+                                                       precision="bf16")
+    with pytest.raises(ValueError, match="unknown token 'fast'"):
+        bench.parse_mode("cl+fast")
+
+
+def test_bench_cli_writes_results(tmp_path, capsys):
+    rc = main(["bench", "--model", "digits_resnet18", "--batch", "8", "--modes", "published,nchw,cl+mixed",
+               "--rounds", "2", "--warmup", "1", "--no-memory", "--out", str(tmp_path)])
+    assert rc == 0
+    files = sorted(p.suffix for p in tmp_path.iterdir())
+    assert files == [".csv", ".json", ".md"]
+    result = json.loads(next(tmp_path.glob("*.json")).read_text())
+    assert [r["mode"] for r in result["rows"]] == ["published", "nchw", "cl+mixed"]
+    for row in result["rows"]:
+        assert row["s_per_iter"] > 0 and row["F_s"] > 0 and row["step_over_6F"] > 0
+    assert result["rows"][0]["speedup_vs_published"] == 1.0
+    assert set(result["forward_s"]) == {"F_nchw_fp32", "F_cl_fp32"}  # mixed is held to the fp32 F
+    assert all(len(v) == 2 for v in result["raw_s"].values())
+    assert result["env"]["torch"] and "commit" in result["env"]
+    assert "| cl+mixed |" in capsys.readouterr().out
+
+
+def test_bench_profile_phases(tmp_path, capsys):
+    trace = tmp_path / "trace.json"
+    rc = main(["bench", "--model", "digits_resnet18", "--batch", "8", "--profile", "cl", "--rounds", "2",
+               "--warmup", "1", "--trace", str(trace)])
+    assert rc == 0
+    out = capsys.readouterr().out
+    for phase in ("noise step", "mask forward", "mask backward", "update"):
+        assert f"| {phase} |" in out
+    assert json.loads(trace.read_text())["traceEvents"]
+
+
+def test_memory_probe_runs():
+    assert bench.peak_memory("digits_resnet18", 8, "nchw", "cpu", steps=1) >= 0
