@@ -13,7 +13,6 @@ from torch import Tensor
 from .config import ANPConfig
 from .data import BatchSource, batch_source, check_labels
 from .errors import ConfigError, DivergenceError, ModelError
-from .layers import norm_kind
 from .progress import progress_bar
 from .surgery import PerturbedModel, perturb_model
 
@@ -95,7 +94,7 @@ class ANPEngine:
         else:
             net.eval()
             for module in net.modules():
-                if norm_kind(module) is not None or isinstance(module, nn.modules.batchnorm._BatchNorm):
+                if isinstance(module, nn.modules.batchnorm._BatchNorm):  # the norms that use batch statistics
                     module.train()
 
     @property

@@ -15,7 +15,7 @@ from anp_fast import ANPConfig, ANPEngine
 from anp_fast.models import resnet18
 from anp_fast_bench.published_loop import PublishedANP
 
-from test_parity import _max_diff, _replay
+from test_parity import _max_diff, _replay, _replaying
 
 
 @pytest.fixture(scope="module")
@@ -26,17 +26,6 @@ def model_and_batches():
     batches = [(torch.randn(16, 3, 12, 12, generator=g), torch.randint(0, 10, (16,), generator=g))
                for _ in range(5)]
     return model, batches
-
-
-def _replaying(engine, draws):
-    it = iter(draws)
-
-    def replay(noise_w, noise_b, eps):
-        w, b = next(it)
-        noise_w.copy_(w)
-        noise_b.copy_(b)
-    engine.noise_init = replay
-    return engine
 
 
 def test_merged_passes_follow_published_loop_for_50_iterations(model_and_batches):

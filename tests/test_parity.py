@@ -18,6 +18,18 @@ def _replay(engine_layers, iters, eps, seed=3):
     return flat, per_layer
 
 
+def _replaying(engine, draws):
+    """Make ``engine`` take its noise draws from ``draws`` (flat (noise_w, noise_b) per iteration)."""
+    it = iter(draws)
+
+    def replay(noise_w, noise_b, eps):
+        w, b = next(it)
+        noise_w.copy_(w)
+        noise_b.copy_(b)
+    engine.noise_init = replay
+    return engine
+
+
 EXACT = dict(channels_last=False, merge_passes=False, compile=False)
 
 
@@ -27,13 +39,7 @@ def _run_both(model, batches, n_steps, **cfg):
     engine = ANPEngine(model, config)
     if config.eps > 0:
         draws_flat, draws_layers = _replay(engine.state.slots, n_steps, config.eps)
-        it = iter(draws_flat)
-
-        def replay(noise_w, noise_b, eps):
-            w, b = next(it)
-            noise_w.copy_(w)
-            noise_b.copy_(b)
-        engine.noise_init = replay
+        _replaying(engine, draws_flat)
     ref = PublishedANP(model, eps=config.eps, steps=config.steps, alpha=config.alpha, lr=config.lr,
                        momentum=config.momentum, project_noise=config.project_noise,
                        draws=iter(draws_layers) if draws_layers else None)
@@ -115,3 +121,15 @@ def test_dataset_and_loader_inputs(tiny_resnet, tiny_batches):
         assert len(result.loss_history) == 3 and all(v == v for v in result.loss_history)
         assert result.num_neurons == sum(m.numel() for m in result.masks.values())
         assert any(float((1 - m).abs().max()) > 0 for m in result.masks.values())
+
+
+def test_train_mode_norms_turns_dropout_off():
+    model = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.Flatten(),
+                                torch.nn.Dropout(0.5), torch.nn.Linear(4 * 36, 3))
+    x = torch.randn(6, 1, 8, 8)
+    for mode, deterministic in (("all", False), ("norms", True)):
+        engine = ANPEngine(model, ANPConfig(train_mode=mode, channels_last=False))
+        assert engine.model.net[1].training  # batch statistics in both modes
+        with torch.no_grad():
+            outs = [engine.forward(x) for _ in range(2)]
+        assert torch.equal(outs[0], outs[1]) == deterministic
