@@ -238,17 +238,15 @@ def peak_memory(model_name: str, batch: int, mode: str, device: str, steps: int 
     return float(out.stdout.strip().splitlines()[-1])
 
 
-def _rss_mib() -> float:
+def _status_mib(field: str) -> float:
     with open("/proc/self/status") as f:
         for line in f:
-            if line.startswith("VmRSS:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1]) / 1024
     return float("nan")
 
 
 def _memory_probe(model_name, batch, mode, device, steps):
-    import resource
-
     torch.manual_seed(0)
     device = torch.device(device)
     model, shape = build_model(model_name)
@@ -265,10 +263,14 @@ def _memory_probe(model_name, batch, mode, device, steps):
         torch.cuda.synchronize()
         print((torch.cuda.max_memory_allocated() - before) / 2**20)
         return
-    before = _rss_mib()
+    # Not ru_maxrss: the kernel carries the parent's RSS at fork into it across exec. VmHWM is this
+    # process's own peak; writing 5 to clear_refs resets it to the current RSS.
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    before = _status_mib("VmRSS")
     for _ in range(steps):
         step(x, y)
-    print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - before)
+    print(_status_mib("VmHWM") - before)
 
 
 def environment(device: str) -> Dict:
