@@ -232,7 +232,7 @@ def peak_memory(model_name: str, batch: int, mode: str, device: str, steps: int 
     code = (f"from anp_fast_bench.bench import _memory_probe; "
             f"_memory_probe({model_name!r}, {batch}, {mode!r}, {device!r}, {steps})")
     # Fixed mmap threshold: every large tensor gets its own mapping, returned to the OS when freed, so the
-    # peak RSS follows live tensors instead of glibc's dynamically raised threshold (seen: 1.6x swings).
+    # peak RSS follows live tensors rather than heap pages glibc keeps after a dynamic threshold raise.
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env)
     return float(out.stdout.strip().splitlines()[-1])
