@@ -1,4 +1,4 @@
-"""The engine against the straightforward eager published loop (tests/reference_anp.py)."""
+"""The engine against the straightforward eager published loop (benchmarks/published_loop.py)."""
 
 import pytest
 import torch
