@@ -42,9 +42,9 @@ class PerturbedModel(nn.Module):
 
 def _candidates(model: nn.Module, policy: str, exclude: set):
     norms = [(n, m, k) for n, m in model.named_modules() if n not in exclude and (k := norm_kind(m))]
-    gates = [(n, m, k) for n, m in model.named_modules() if n not in exclude and (k := gate_kind(m))]
     # The last conv/linear layer produces the logits: gating it would prune classes, not neurons.
-    gates = gates[:-1]
+    gates = [(n, m, k) for n, m in model.named_modules() if (k := gate_kind(m))][:-1]
+    gates = [g for g in gates if g[0] not in exclude]
     if policy == "norms" or (policy == "auto" and norms):
         return norms, "norms"
     return gates, "gates"

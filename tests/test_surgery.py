@@ -107,6 +107,8 @@ def test_norm_free_model_gets_gates():
     pm = perturb_model(model)
     assert pm.policy == "gates"
     assert [(s.name, s.size) for s in pm.slots] == [("c1", 6), ("c2", 5), ("fc1", 9)]  # never the head
+    assert [s.name for s in perturb_model(model, exclude=["head"]).slots] == ["c1", "c2", "fc1"]
+    assert [s.name for s in perturb_model(model, exclude=["c2"]).slots] == ["c1", "fc1"]
     x = torch.randn(3, 3, 6, 6)
     with torch.no_grad():
         torch.testing.assert_close(pm(x), model(x))
@@ -133,6 +135,8 @@ def test_nothing_to_perturb_is_a_clear_error():
         perturb_model(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4, affine=False)), layers="norms")
     with pytest.raises(ModelError, match="torch.nn.Module"):
         perturb_model("resnet18")
+    with pytest.raises(ModelError, match="exclude names modules the model does not have: nope"):
+        perturb_model(resnet18(10, 3, 4), exclude=["bn1", "nope"])
 
 
 def test_flat_storage_views_share_memory():
