@@ -264,7 +264,7 @@ def optimize_masks(model: nn.Module, clean_data, config: Optional[ANPConfig] = N
     done = 0
     try:
         for it, (x, y) in enumerate(source):
-            if engine.num_classes is not None and source.on_host:
+            if engine.num_classes is not None and source.on_host and source.labels is None:
                 check_labels(y, engine.num_classes)
             history[it] = engine.step(x, y)
             done = it + 1
