@@ -6,9 +6,9 @@ setup(
     description="Adversarial Neuron Pruning (backdoor defense) for any PyTorch model, fast",
     long_description=open("README.md").read() if __import__("os").path.exists("README.md") else "",
     long_description_content_type="text/markdown",
-    # benchmarks/ installs as anp_fast_bench: `anp-fast bench` and the tests use its published loop
-    packages=find_packages(include=["anp_fast", "anp_fast.*"]) + ["anp_fast_bench"],
-    package_dir={"anp_fast_bench": "benchmarks"},
+    # benchmarks/ installs as anp_fast_bench, kernels/ (Triton) as anp_fast_kernels: `anp-fast bench` and the tests use its published loop
+    packages=find_packages(include=["anp_fast", "anp_fast.*"]) + ["anp_fast_bench", "anp_fast_kernels"],
+    package_dir={"anp_fast_bench": "benchmarks", "anp_fast_kernels": "kernels"},
     python_requires=">=3.10",
     install_requires=[
         "torch>=2.11,<2.15",

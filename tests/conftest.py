@@ -1,6 +1,9 @@
 import os
 import sys
 
+# Triton kernels run on the CPU through the interpreter in tests; it must be chosen before triton.jit runs.
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
 import pytest
 import torch
 
