@@ -25,24 +25,29 @@ def _offsets(i, HW, sN, sS):
 @triton.jit
 def _forward_kernel(x_ptr, res_ptr, y_ptr, scale_ptr, shift_ptr, cw_ptr, cb_ptr, mean_ptr, rstd_ptr,
                     C, HW, M, sN, sC, sS, rN, rC, rS, eps,
-                    HAS_RES: tl.constexpr, HAS_SHIFT: tl.constexpr, RELU: tl.constexpr, BLOCK: tl.constexpr):
+                    HAS_RES: tl.constexpr, HAS_SHIFT: tl.constexpr, RELU: tl.constexpr, GIVEN_STATS: tl.constexpr,
+                    BLOCK: tl.constexpr):
     g = tl.program_id(0)
     c = tl.program_id(1)
     base = g * M // HW * sN + c * sC  # group g starts at sample g * (N / G)
     rbase = g * M // HW * rN + c * rC
-    acc = tl.zeros([BLOCK], dtype=tl.float32)
-    acc2 = tl.zeros([BLOCK], dtype=tl.float32)
-    for start in range(0, M, BLOCK):
-        i = start + tl.arange(0, BLOCK)
-        m = i < M
-        x = tl.load(x_ptr + base + _offsets(i, HW, sN, sS), mask=m, other=0.0).to(tl.float32)
-        acc += x
-        acc2 += x * x
-    mean = tl.sum(acc, 0) / M
-    var = tl.maximum(tl.sum(acc2, 0) / M - mean * mean, 0.0)
-    rstd = 1.0 / tl.sqrt(var + eps)
-    tl.store(mean_ptr + g * C + c, mean)
-    tl.store(rstd_ptr + g * C + c, rstd)
+    if GIVEN_STATS:  # eval mode: mean and rstd come from the running statistics
+        mean = tl.load(mean_ptr + c)
+        rstd = tl.load(rstd_ptr + c)
+    else:
+        acc = tl.zeros([BLOCK], dtype=tl.float32)
+        acc2 = tl.zeros([BLOCK], dtype=tl.float32)
+        for start in range(0, M, BLOCK):
+            i = start + tl.arange(0, BLOCK)
+            m = i < M
+            x = tl.load(x_ptr + base + _offsets(i, HW, sN, sS), mask=m, other=0.0).to(tl.float32)
+            acc += x
+            acc2 += x * x
+        mean = tl.sum(acc, 0) / M
+        var = tl.maximum(tl.sum(acc2, 0) / M - mean * mean, 0.0)
+        rstd = 1.0 / tl.sqrt(var + eps)
+        tl.store(mean_ptr + g * C + c, mean)
+        tl.store(rstd_ptr + g * C + c, rstd)
     a = tl.load(scale_ptr + c).to(tl.float32) * tl.load(cw_ptr + g * C + c).to(tl.float32)
     b = 0.0
     if HAS_SHIFT:
@@ -127,16 +132,27 @@ def _spatial_strides(t: torch.Tensor):
 BLOCK = 256
 
 
-def forward(x, scale, shift, coef_w, coef_b, residual=None, relu=False, eps=1e-5):
-    """Launch the forward kernel; returns (y, mean, rstd) with mean/rstd of shape (G, C), fp32."""
+def forward(x, scale, shift, coef_w, coef_b, residual=None, relu=False, eps=1e-5, training=True,
+            running_mean=None, running_var=None, momentum=0.1):
+    """Launch the forward kernel; returns (y, mean, rstd), mean/rstd of shape (G, C), fp32.
+
+    training: batch statistics per group; running statistics, when given, are then updated group after
+    group exactly as torch's batch_norm would (unbiased variance). Otherwise (eval) the running statistics
+    normalise every group."""
     N, C, H, W = x.shape
     G = coef_w.shape[0]
     if N % G:
         raise ValueError(f"batch {N} is not divisible into {G} groups")
     M = (N // G) * H * W
     y = torch.empty_like(x)
-    mean = torch.empty(G, C, device=x.device, dtype=torch.float32)
-    rstd = torch.empty_like(mean)
+    if training:
+        mean = torch.empty(G, C, device=x.device, dtype=torch.float32)
+        rstd = torch.empty_like(mean)
+    else:
+        if running_mean is None or running_var is None:
+            raise ValueError("eval mode needs running statistics")
+        mean = running_mean.float().expand(G, C).contiguous()
+        rstd = torch.rsqrt(running_var.float() + eps).expand(G, C).contiguous()
     sx = _spatial_strides(x)
     sr = _spatial_strides(residual) if residual is not None else (0, 0, 0)
     if y.stride() != x.stride():
@@ -144,12 +160,20 @@ def forward(x, scale, shift, coef_w, coef_b, residual=None, relu=False, eps=1e-5
     _forward_kernel[(G, C)](
         x, residual if residual is not None else x, y, scale, shift if shift is not None else scale,
         coef_w.contiguous(), coef_b.contiguous(), mean, rstd, C, H * W, M, *sx, *sr, eps,
-        HAS_RES=residual is not None, HAS_SHIFT=shift is not None, RELU=relu, BLOCK=BLOCK)
+        HAS_RES=residual is not None, HAS_SHIFT=shift is not None, RELU=relu, GIVEN_STATS=not training,
+        BLOCK=BLOCK)
+    if training and running_mean is not None:
+        with torch.no_grad():
+            var = (1.0 / (rstd * rstd) - eps).clamp_min(0) * (M / max(M - 1, 1))
+            for g in range(G):  # torch updates the running statistics once per batch_norm call, in turn
+                running_mean.mul_(1 - momentum).add_(mean[g].to(running_mean.dtype), alpha=momentum)
+                running_var.mul_(1 - momentum).add_(var[g].to(running_var.dtype), alpha=momentum)
     return y, mean, rstd
 
 
 def backward(dy, x, scale, shift, coef_w, coef_b, mean, rstd, residual=None, relu=False):
-    """Launch the backward kernel; returns (dx, dresidual or None, dcoef_w, dcoef_b)."""
+    """Launch the backward kernel of a TRAINING-mode forward (batch statistics ``mean``/``rstd`` from it);
+    returns (dx, dresidual or None, dcoef_w, dcoef_b). Eval-mode backward is not implemented here."""
     N, C, H, W = x.shape
     G = coef_w.shape[0]
     M = (N // G) * H * W

@@ -50,3 +50,24 @@ def test_triton_matches_eager(n, c, hw, g, fmt, res, relu):
     torch.testing.assert_close(dcb, grads_ref[2], rtol=1e-5, atol=1e-4)
     if res:
         torch.testing.assert_close(dres, grads_ref[3], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("fmt", ["nchw", "channels_last"])
+@pytest.mark.parametrize("g", [1, 2])
+def test_triton_running_stats_and_eval(fmt, g):
+    gen = torch.Generator().manual_seed(7)
+    mf = torch.channels_last if fmt == "channels_last" else torch.contiguous_format
+    x = (torch.randn(6, 5, 3, 4, generator=gen) * 3 + 1).to(memory_format=mf)
+    scale, shift = torch.randn(5, generator=gen), torch.randn(5, generator=gen)
+    cw, cb = torch.rand(g, 5, generator=gen) + 0.5, torch.rand(g, 5, generator=gen) + 0.5
+    rm, rv = torch.randn(5, generator=gen), torch.rand(5, generator=gen) + 0.5
+    rm_ref, rv_ref = rm.clone(), rv.clone()
+    y, _, _ = tbn.forward(x, scale, shift, cw, cb, training=True, running_mean=rm, running_var=rv, momentum=0.1)
+    y_ref = eager.perturbed_batch_norm(x, scale, shift, cw, cb, rm_ref, rv_ref, True, 0.1, 1e-5)
+    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(rm, rm_ref, rtol=1e-5, atol=1e-6)  # updated group after group, like torch
+    torch.testing.assert_close(rv, rv_ref, rtol=1e-5, atol=1e-6)
+    y_eval, _, _ = tbn.forward(x, scale, shift, cw, cb, training=False, running_mean=rm, running_var=rv)
+    ref_eval = eager.perturbed_batch_norm(x, scale, shift, cw, cb, rm, rv, False, 0.1, 1e-5)
+    torch.testing.assert_close(y_eval, ref_eval, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(y_eval, y)  # eval really used the running statistics
