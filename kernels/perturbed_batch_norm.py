@@ -66,6 +66,20 @@ def _forward_kernel(x_ptr, res_ptr, y_ptr, scale_ptr, shift_ptr, cw_ptr, cb_ptr,
 
 
 @triton.jit
+def _xh_and_dy(x_ptr, dy_ptr, res_ptr, off, roff, m, mean, rstd, a, b, HAS_RES: tl.constexpr,
+               RELU: tl.constexpr):
+    """Normalised input and the gradient reaching the affine output (the ReLU mask recomputed, not stored)."""
+    xh = (tl.load(x_ptr + off, mask=m, other=0.0).to(tl.float32) - mean) * rstd
+    dy = tl.load(dy_ptr + off, mask=m, other=0.0).to(tl.float32)
+    if RELU:
+        y = xh * a + b
+        if HAS_RES:
+            y += tl.load(res_ptr + roff, mask=m, other=0.0).to(tl.float32)
+        dy = tl.where(y > 0, dy, 0.0)
+    return xh, dy
+
+
+@triton.jit
 def _backward_kernel(x_ptr, res_ptr, dy_ptr, dx_ptr, dres_ptr, scale_ptr, shift_ptr, cw_ptr, cb_ptr,
                      mean_ptr, rstd_ptr, dcw_ptr, dcb_ptr,
                      C, HW, M, sN, sC, sS, rN, rC, rS,
@@ -88,14 +102,8 @@ def _backward_kernel(x_ptr, res_ptr, dy_ptr, dx_ptr, dres_ptr, scale_ptr, shift_
     for start in range(0, M, BLOCK):
         i = start + tl.arange(0, BLOCK)
         m = i < M
-        off = base + _offsets(i, HW, sN, sS)
-        xh = (tl.load(x_ptr + off, mask=m, other=0.0).to(tl.float32) - mean) * rstd
-        dy = tl.load(dy_ptr + off, mask=m, other=0.0).to(tl.float32)
-        if RELU:  # the ReLU mask is recomputed, not stored
-            y = xh * a + b
-            if HAS_RES:
-                y += tl.load(res_ptr + rbase + _offsets(i, HW, rN, rS), mask=m, other=0.0).to(tl.float32)
-            dy = tl.where(y > 0, dy, 0.0)
+        xh, dy = _xh_and_dy(x_ptr, dy_ptr, res_ptr, base + _offsets(i, HW, sN, sS),
+                            rbase + _offsets(i, HW, rN, rS), m, mean, rstd, a, b, HAS_RES, RELU)
         s_dy += dy
         s_dyxh += dy * xh
     sum_dy = tl.sum(s_dy, 0)
@@ -107,13 +115,8 @@ def _backward_kernel(x_ptr, res_ptr, dy_ptr, dx_ptr, dres_ptr, scale_ptr, shift_
         i = start + tl.arange(0, BLOCK)
         m = i < M
         off = base + _offsets(i, HW, sN, sS)
-        xh = (tl.load(x_ptr + off, mask=m, other=0.0).to(tl.float32) - mean) * rstd
-        dy = tl.load(dy_ptr + off, mask=m, other=0.0).to(tl.float32)
-        if RELU:
-            y = xh * a + b
-            if HAS_RES:
-                y += tl.load(res_ptr + rbase + _offsets(i, HW, rN, rS), mask=m, other=0.0).to(tl.float32)
-            dy = tl.where(y > 0, dy, 0.0)
+        xh, dy = _xh_and_dy(x_ptr, dy_ptr, res_ptr, off, rbase + _offsets(i, HW, rN, rS), m, mean, rstd, a, b,
+                            HAS_RES, RELU)
         dx = k * (M * dy - sum_dy - xh * sum_dyxh)
         tl.store(dx_ptr + off, dx.to(dx_ptr.dtype.element_ty), mask=m)
         if HAS_RES:
