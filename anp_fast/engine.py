@@ -123,6 +123,9 @@ class ANPEngine:
             check_labels(y, self.num_classes)
         return logits
 
+    def _cross_entropy(self, x: Tensor, y: Tensor) -> Tensor:
+        return F.cross_entropy(self._logits(x, y).float(), y)
+
     def noise_step(self, x: Tensor, y: Tensor) -> None:
         """Draw d, e and take ``steps`` signed-gradient ascent steps on them (the mask held fixed)."""
         cfg, state = self.config, self.state
@@ -135,7 +138,7 @@ class ANPEngine:
             for _ in range(cfg.steps):
                 state.set_coefficients((mask + noise_w).unsqueeze(0), (1.0 + noise_b).unsqueeze(0))
                 with self._autocast(cfg.precision != "fp32"):
-                    loss = -F.cross_entropy(self._logits(x, y).float(), y)
+                    loss = -self._cross_entropy(x, y)
                 grad_w, grad_b = torch.autograd.grad(loss, (noise_w, noise_b))
                 with torch.no_grad():
                     noise_w.add_(grad_w.sign(), alpha=-lr)
@@ -156,7 +159,7 @@ class ANPEngine:
         with self._autocast(cfg.precision == "bf16"):
             if cfg.eps == 0:
                 state.use_clean()
-                return cfg.alpha * F.cross_entropy(self._logits(x, y).float(), y)
+                return cfg.alpha * self._cross_entropy(x, y)
             perturbed_w, perturbed_b = mask + state.noise_w, 1.0 + state.noise_b
             if self.merge_passes:
                 state.set_coefficients(torch.stack((mask, perturbed_w)),
@@ -167,9 +170,9 @@ class ANPEngine:
                 loss_rob = F.cross_entropy(logits[batch:], y)
             else:
                 state.set_coefficients(perturbed_w.unsqueeze(0), perturbed_b.unsqueeze(0))
-                loss_rob = F.cross_entropy(self._logits(x, y).float(), y)
+                loss_rob = self._cross_entropy(x, y)
                 state.use_clean()
-                loss_nat = F.cross_entropy(self._logits(x, y).float(), y)
+                loss_nat = self._cross_entropy(x, y)
         return cfg.alpha * loss_nat + (1 - cfg.alpha) * loss_rob
 
     def mask_grad(self, loss: Tensor) -> Tensor:

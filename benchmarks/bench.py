@@ -78,6 +78,16 @@ def build_model(name: str, num_classes: int = 10):
                      "digits_resnet18, tv_<torchvision name>")
 
 
+def workload(model_name: str, batch: int, device, seed: int = 0):
+    """(model, x, y) on ``device``: the benchmark model with seeded weights and one seeded random batch."""
+    torch.manual_seed(seed)
+    model, shape = build_model(model_name)
+    g = torch.Generator().manual_seed(seed)
+    x = torch.rand(batch, *shape, generator=g)
+    y = torch.randint(0, 10, (batch,), generator=g)
+    return model.to(device), x.to(device), y.to(device)
+
+
 def _sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -121,12 +131,7 @@ def run(model_name="cifar_resnet18", batch=128, modes=None, rounds=5, iters=1, w
         seed=0, log=print) -> Dict:
     modes = list(modes or DEFAULT_MODES)
     device = torch.device(device)
-    torch.manual_seed(seed)
-    model, shape = build_model(model_name)
-    model = model.to(device)
-    g = torch.Generator().manual_seed(seed)
-    x = torch.rand(batch, *shape, generator=g).to(device)
-    y = torch.randint(0, 10, (batch,), generator=g).to(device)
+    model, x, y = workload(model_name, batch, device, seed)
     runners = {m: make_step(m, model, device, seed) for m in modes}
     for key in sorted({f_key(m) for m in modes}):
         runners["F" + ("_cl" if key[0] else "_nchw") + ("_bf16" if key[1] else "_fp32")] = make_forward(
@@ -158,7 +163,7 @@ def run(model_name="cifar_resnet18", batch=128, modes=None, rounds=5, iters=1, w
         rows.append({"mode": m, "description": describe(m), "s_per_iter": med[m],
                      "speedup_vs_published": (base / med[m]) if base else None,
                      "F_s": med[fname], "step_over_6F": med[m] / (6 * med[fname])})
-    return {"model": model_name, "batch": batch, "input": list(shape), "rounds": rounds, "iters": iters,
+    return {"model": model_name, "batch": batch, "input": list(x.shape[1:]), "rounds": rounds, "iters": iters,
             "rows": rows, "forward_s": {n: med[n] for n in names if n.startswith("F")},
             "raw_s": times}
 
@@ -174,12 +179,8 @@ def profile(model_name="cifar_resnet18", batch=128, mode="cl", rounds=5, warmup=
     if config is None:
         raise ValueError("profile an engine mode, not 'published'")
     device = torch.device(device)
-    torch.manual_seed(seed)
-    model, shape = build_model(model_name)
-    engine = ANPEngine(model.to(device), ANPConfig(seed=seed, device=str(device), **config))
-    g = torch.Generator().manual_seed(seed)
-    x0 = torch.rand(batch, *shape, generator=g)
-    y0 = torch.randint(0, 10, (batch,), generator=g)
+    model, x0, y0 = workload(model_name, batch, device, seed)
+    engine = ANPEngine(model, ANPConfig(seed=seed, device=str(device), **config))
     phases = {"noise step": [], "mask forward": [], "mask backward": [], "update": []}
 
     def iteration(record: bool):
@@ -247,12 +248,8 @@ def _status_mib(field: str) -> float:
 
 
 def _memory_probe(model_name, batch, mode, device, steps):
-    torch.manual_seed(0)
     device = torch.device(device)
-    model, shape = build_model(model_name)
-    model = model.to(device)
-    x = torch.rand(batch, *shape).to(device)
-    y = torch.randint(0, 10, (batch,)).to(device)
+    model, x, y = workload(model_name, batch, device)
     step = make_step(mode, model, device)
     if device.type == "cuda":
         torch.cuda.synchronize()

@@ -24,6 +24,7 @@ def test_bench_cli_writes_results(tmp_path, capsys):
     assert files == [".csv", ".json", ".md"]
     result = json.loads(next(tmp_path.glob("*.json")).read_text())
     assert [r["mode"] for r in result["rows"]] == ["published", "nchw", "cl+mixed"]
+    assert result["input"] == [1, 16, 16] and result["batch"] == 8
     for row in result["rows"]:
         assert row["s_per_iter"] > 0 and row["F_s"] > 0 and row["step_over_6F"] > 0
     assert result["rows"][0]["speedup_vs_published"] == 1.0
