@@ -40,6 +40,9 @@ class ANPConfig:
         CUDA only; on CPU the doubled batch is measured slower).
     compile: torch.compile the model passes (None: on CUDA only; on CPU compiling takes tens of seconds
         and pays off over long runs). ``fullgraph``: demand that the model compiles with no graph break.
+    fused_kernels: run the perturbed norms as the fused compiled kernels (C++ on the CPU, CUDA/Triton on GPUs),
+        with residual add and ReLU folded into the batch norm of known residual blocks (None/True: wherever a
+        kernel is available; False: the eager ops, which reproduce the published loop bit for bit).
     """
 
     eps: float = 0.4
@@ -59,6 +62,7 @@ class ANPConfig:
     merge_passes: Optional[bool] = None
     compile: Optional[bool] = None
     fullgraph: bool = True
+    fused_kernels: Optional[bool] = None
 
     def __post_init__(self):
         def bad(field, why):
@@ -92,7 +96,7 @@ class ANPConfig:
         for field in ("project_noise", "fullgraph"):
             if not isinstance(getattr(self, field), bool):
                 bad(field, "must be True or False")
-        for field in ("channels_last", "merge_passes", "compile"):
+        for field in ("channels_last", "merge_passes", "compile", "fused_kernels"):
             if getattr(self, field) not in (None, True, False):
                 bad(field, "must be True, False or None (automatic)")
         for field, allowed in (("layers", LAYER_POLICIES), ("train_mode", TRAIN_MODES),

@@ -70,6 +70,7 @@ class ANPEngine:
         else:
             self.model = perturb_model(model, cfg.layers, device=_device_of(cfg, model))
         self.device = self.model.state.device
+        self.model.state.fused = cfg.fused_kernels is not False
         net = self.model.net
         self.channels_last = cfg.channels_last if cfg.channels_last is not None else any(
             isinstance(m, nn.Conv2d) for m in net.modules())

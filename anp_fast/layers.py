@@ -25,7 +25,9 @@ def _coefficients(self) -> Tuple[Tensor, Tensor]:
     return self._anp_state.coefficients(self._anp_slot)
 
 
-def _batch_norm_forward(self, x: Tensor) -> Tensor:
+def _batch_norm_forward(self, x: Tensor, residual: Optional[Tensor] = None, relu: bool = False) -> Tensor:
+    """The perturbed batch norm; ``residual``/``relu`` fold a following ``+ residual`` and ReLU into it (the
+    fused residual blocks of :mod:`anp_fast.fusion` pass them)."""
     self._check_input_dim(x)
     coef_w, coef_b = _coefficients(self)
     # Batch statistics whenever the module trains (ANP's train mode); running statistics are left alone
@@ -34,17 +36,19 @@ def _batch_norm_forward(self, x: Tensor) -> Tensor:
     return ops.perturbed_batch_norm(
         x, self.weight, self.bias, coef_w, coef_b,
         None if use_batch_stats else self.running_mean, None if use_batch_stats else self.running_var,
-        use_batch_stats, 0.0, self.eps)
+        use_batch_stats, 0.0, self.eps, residual=residual, relu=relu, fused=self._anp_state.fused)
 
 
 def _layer_norm_forward(self, x: Tensor) -> Tensor:
     coef_w, coef_b = _coefficients(self)
-    return ops.perturbed_layer_norm(x, self.normalized_shape, self.weight, self.bias, coef_w, coef_b, self.eps)
+    return ops.perturbed_layer_norm(x, self.normalized_shape, self.weight, self.bias, coef_w, coef_b, self.eps,
+                                    fused=self._anp_state.fused)
 
 
 def _group_norm_forward(self, x: Tensor) -> Tensor:
     coef_w, coef_b = _coefficients(self)
-    return ops.perturbed_group_norm(x, self.num_groups, self.weight, self.bias, coef_w, coef_b, self.eps)
+    return ops.perturbed_group_norm(x, self.num_groups, self.weight, self.bias, coef_w, coef_b, self.eps,
+                                    fused=self._anp_state.fused)
 
 
 def _generic_norm_forward(self, x: Tensor) -> Tensor:
@@ -70,12 +74,14 @@ def _generic_norm_forward(self, x: Tensor) -> Tensor:
 
 def _conv_gate_forward(self, x: Tensor) -> Tensor:
     coef_w, coef_b = _coefficients(self)
-    return ops.perturbed_channel_gate(self._conv_forward(x, self.weight, None), self.bias, coef_w, coef_b, 1)
+    return ops.perturbed_channel_gate(self._conv_forward(x, self.weight, None), self.bias, coef_w, coef_b, 1,
+                                      fused=self._anp_state.fused)
 
 
 def _linear_gate_forward(self, x: Tensor) -> Tensor:
     coef_w, coef_b = _coefficients(self)
-    return ops.perturbed_channel_gate(F.linear(x, self.weight), self.bias, coef_w, coef_b, -1)
+    return ops.perturbed_channel_gate(F.linear(x, self.weight), self.bias, coef_w, coef_b, -1,
+                                      fused=self._anp_state.fused)
 
 
 _FORWARDS: Dict[str, Callable] = {

@@ -35,6 +35,7 @@ class MaskState:
         self._ones = torch.ones(1, self.size, device=device)
         self.coef_w: Optional[Tensor] = None
         self.coef_b: Optional[Tensor] = None
+        self.fused = True  # layers run the fused kernels where available (False: the eager ops)
 
     @property
     def device(self):

@@ -9,6 +9,7 @@ import torch.nn as nn
 
 from .config import LAYER_POLICIES
 from .errors import ConfigError, ModelError
+from .fusion import fuse_blocks
 from .layers import gate_kind, make_perturbable, neuron_count, norm_kind
 from .state import MaskState, Slot
 
@@ -90,4 +91,5 @@ def perturb_model(model: nn.Module, layers: str = "auto", exclude: Iterable[str]
     modules = dict(net.named_modules())
     for slot, (name, _, kind) in zip(slots, found):
         make_perturbable(modules[name], kind, state, slot)
+    fuse_blocks(net)  # residual add + ReLU into the batch norms of known residual blocks
     return PerturbedModel(net, state, policy)

@@ -1,12 +1,16 @@
-"""Triton kernels of the perturbed batch norm (training mode, batch statistics), with G groups:
+"""Triton kernels of the perturbed batch norm with G coefficient groups, fused residual add and ReLU:
 
-    y = xh * scale * coef_w[g] + shift * coef_b[g]  [+ residual]  [then ReLU]
+    y = (x - mean) * rstd * a[g] + b[g]  [+ residual]  [then ReLU]      a = scale * coef_w, b = shift * coef_b
 
-one program per (group, channel), two passes over the group's (N/G, H*W) elements in fp32 (sum and sum of
-squares, then normalise). Backward recomputes xh (and the ReLU mask) from x, reduces sum(dy) and
-sum(dy * xh) per (group, channel) -- the same reductions batch norm backward needs -- and from them gives the
-input gradient and the coefficient gradients. Any strides: NCHW and channels_last alike. This module knows
-nothing of the engine; the ops layer decides when it runs.
+The input is read as (N, C, S) with any strides (NCHW and channels_last alike). Reductions are split: a
+program owns a tile of BLOCK_C channels by a slice of one group's N/G * S elements, so even a handful of
+channels fills the device; per-program partial sums (fp32, of values shifted by a sample of the channel so
+sum-of-squares does not cancel) are finished on the host in fp64. Backward recomputes xh from x, reads the
+ReLU mask off the saved output, and reduces sum(dy') and sum(dy' * (x - mean)) per (group, channel), the two
+sums batch norm backward needs anyway; the coefficient gradients are read off them by the caller.
+
+Same contract as the C++ and CUDA kernels in csrc/: forward -> (y, mean, rstd, var_unbiased), backward ->
+(dx, dy' or empty, sum_dy, sum_dyxc). This module knows nothing of the engine.
 """
 from __future__ import annotations
 
@@ -16,183 +20,221 @@ import triton.language as tl
 
 
 @triton.jit
-def _offsets(i, HW, sN, sS):
-    n = i // HW
-    s = i - n * HW
-    return n * sN + s * sS
+def _cast_to(v, ptr):
+    """v (fp32) in the element type of ptr; bfloat16 rounded to nearest even by hand, so the CPU interpreter
+    (whose cast truncates) rounds as the GPU and torch do."""
+    if ptr.dtype.element_ty == tl.bfloat16:
+        u = v.to(tl.uint32, bitcast=True)
+        u = u + 0x7FFF + ((u >> 16) & 1)
+        return (u >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    else:
+        return v.to(ptr.dtype.element_ty)
 
 
 @triton.jit
-def _forward_kernel(x_ptr, res_ptr, y_ptr, scale_ptr, shift_ptr, cw_ptr, cb_ptr, mean_ptr, rstd_ptr,
-                    C, HW, M, sN, sC, sS, rN, rC, rS, eps,
-                    HAS_RES: tl.constexpr, HAS_SHIFT: tl.constexpr, RELU: tl.constexpr, GIVEN_STATS: tl.constexpr,
-                    BLOCK: tl.constexpr):
-    g = tl.program_id(0)
-    c = tl.program_id(1)
-    base = g * M // HW * sN + c * sC  # group g starts at sample g * (N / G)
-    rbase = g * M // HW * rN + c * rC
-    if GIVEN_STATS:  # eval mode: mean and rstd come from the running statistics
-        mean = tl.load(mean_ptr + c)
-        rstd = tl.load(rstd_ptr + c)
-    else:
-        acc = tl.zeros([BLOCK], dtype=tl.float32)
-        acc2 = tl.zeros([BLOCK], dtype=tl.float32)
-        for start in range(0, M, BLOCK):
-            i = start + tl.arange(0, BLOCK)
-            m = i < M
-            x = tl.load(x_ptr + base + _offsets(i, HW, sN, sS), mask=m, other=0.0).to(tl.float32)
-            acc += x
-            acc2 += x * x
-        mean = tl.sum(acc, 0) / M
-        var = tl.maximum(tl.sum(acc2, 0) / M - mean * mean, 0.0)
-        rstd = 1.0 / tl.sqrt(var + eps)
-        tl.store(mean_ptr + g * C + c, mean)
-        tl.store(rstd_ptr + g * C + c, rstd)
-    a = tl.load(scale_ptr + c).to(tl.float32) * tl.load(cw_ptr + g * C + c).to(tl.float32)
-    b = 0.0
-    if HAS_SHIFT:
-        b = tl.load(shift_ptr + c).to(tl.float32) * tl.load(cb_ptr + g * C + c).to(tl.float32)
-    for start in range(0, M, BLOCK):
-        i = start + tl.arange(0, BLOCK)
-        m = i < M
-        off = base + _offsets(i, HW, sN, sS)
-        x = tl.load(x_ptr + off, mask=m, other=0.0).to(tl.float32)
-        y = (x - mean) * rstd * a + b
+def _stats_kernel(x_ptr, k_ptr, p1_ptr, p2_ptr, C, HW, M_g, Ng, chunk, SPLITS, sN, sC, sS,
+                  BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
+    pid_c, pid_m, g = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    cm = c < C
+    k = tl.load(k_ptr + g * C + c, mask=cm, other=0.0)
+    acc1 = tl.zeros([BLOCK_C], dtype=tl.float32)
+    acc2 = tl.zeros([BLOCK_C], dtype=tl.float32)
+    for start in range(0, chunk, BLOCK_M):
+        m = pid_m * chunk + start + tl.arange(0, BLOCK_M)
+        n = g * Ng + m // HW
+        s = m % HW
+        off = (n * sN + s * sS)[:, None] + (c * sC)[None, :]
+        msk = ((m < M_g) & (m < (pid_m + 1) * chunk))[:, None] & cm[None, :]
+        v = tl.load(x_ptr + off, mask=msk, other=0.0).to(tl.float32) - k[None, :]
+        v = tl.where(msk, v, 0.0)
+        acc1 += tl.sum(v, 0)
+        acc2 += tl.sum(v * v, 0)
+    out = (g * SPLITS + pid_m) * C + c
+    tl.store(p1_ptr + out, acc1, mask=cm)
+    tl.store(p2_ptr + out, acc2, mask=cm)
+
+
+@triton.jit
+def _normalize_kernel(x_ptr, res_ptr, y_ptr, a_ptr, b_ptr, mean_ptr, rstd_ptr, C, HW, M_g, Ng, chunk,
+                      sN, sC, sS, rN, rC, rS, HAS_RES: tl.constexpr, RELU: tl.constexpr,
+                      BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
+    pid_c, pid_m, g = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    cm = c < C
+    gc = g * C + c
+    mean = tl.load(mean_ptr + gc, mask=cm, other=0.0)
+    rstd = tl.load(rstd_ptr + gc, mask=cm, other=0.0)
+    a = tl.load(a_ptr + gc, mask=cm, other=0.0)
+    b = tl.load(b_ptr + gc, mask=cm, other=0.0)
+    for start in range(0, chunk, BLOCK_M):
+        m = pid_m * chunk + start + tl.arange(0, BLOCK_M)
+        n = g * Ng + m // HW
+        s = m % HW
+        msk = ((m < M_g) & (m < (pid_m + 1) * chunk))[:, None] & cm[None, :]
+        off = (n * sN + s * sS)[:, None] + (c * sC)[None, :]
+        x = tl.load(x_ptr + off, mask=msk, other=0.0).to(tl.float32)
+        y = (x - mean[None, :]) * rstd[None, :] * a[None, :] + b[None, :]
         if HAS_RES:
-            y += tl.load(res_ptr + rbase + _offsets(i, HW, rN, rS), mask=m, other=0.0).to(tl.float32)
+            roff = (n * rN + s * rS)[:, None] + (c * rC)[None, :]
+            y += tl.load(res_ptr + roff, mask=msk, other=0.0).to(tl.float32)
         if RELU:
-            y = tl.maximum(y, 0.0)
-        tl.store(y_ptr + off, y.to(y_ptr.dtype.element_ty), mask=m)
+            y = tl.where(y < 0, 0.0, y)  # NaN passes, as in torch
+        tl.store(y_ptr + off, _cast_to(y, y_ptr), mask=msk)
 
 
 @triton.jit
-def _xh_and_dy(x_ptr, dy_ptr, res_ptr, off, roff, m, mean, rstd, a, b, HAS_RES: tl.constexpr,
-               RELU: tl.constexpr):
-    """Normalised input and the gradient reaching the affine output (the ReLU mask recomputed, not stored)."""
-    xh = (tl.load(x_ptr + off, mask=m, other=0.0).to(tl.float32) - mean) * rstd
-    dy = tl.load(dy_ptr + off, mask=m, other=0.0).to(tl.float32)
-    if RELU:
-        y = xh * a + b
-        if HAS_RES:
-            y += tl.load(res_ptr + roff, mask=m, other=0.0).to(tl.float32)
-        dy = tl.where(y > 0, dy, 0.0)
-    return xh, dy
+def _grad_sums_kernel(dy_ptr, x_ptr, y_ptr, gbuf_ptr, mean_ptr, p1_ptr, p2_ptr, C, HW, M_g, Ng, chunk, SPLITS,
+                      sN, sC, sS, RELU: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
+    pid_c, pid_m, g = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    cm = c < C
+    mean = tl.load(mean_ptr + g * C + c, mask=cm, other=0.0)
+    acc1 = tl.zeros([BLOCK_C], dtype=tl.float32)
+    acc2 = tl.zeros([BLOCK_C], dtype=tl.float32)
+    for start in range(0, chunk, BLOCK_M):
+        m = pid_m * chunk + start + tl.arange(0, BLOCK_M)
+        n = g * Ng + m // HW
+        s = m % HW
+        msk = ((m < M_g) & (m < (pid_m + 1) * chunk))[:, None] & cm[None, :]
+        off = (n * sN + s * sS)[:, None] + (c * sC)[None, :]
+        d = tl.load(dy_ptr + off, mask=msk, other=0.0).to(tl.float32)
+        if RELU:  # the ReLU mask read off the saved output; dy' kept for the second pass (and the residual)
+            y = tl.load(y_ptr + off, mask=msk, other=0.0).to(tl.float32)
+            d = tl.where(y <= 0, 0.0, d)
+            tl.store(gbuf_ptr + off, _cast_to(d, gbuf_ptr), mask=msk)
+        xc = tl.where(msk, tl.load(x_ptr + off, mask=msk, other=0.0).to(tl.float32) - mean[None, :], 0.0)
+        acc1 += tl.sum(d, 0)
+        acc2 += tl.sum(d * xc, 0)
+    out = (g * SPLITS + pid_m) * C + c
+    tl.store(p1_ptr + out, acc1, mask=cm)
+    tl.store(p2_ptr + out, acc2, mask=cm)
 
 
 @triton.jit
-def _backward_kernel(x_ptr, res_ptr, dy_ptr, dx_ptr, dres_ptr, scale_ptr, shift_ptr, cw_ptr, cb_ptr,
-                     mean_ptr, rstd_ptr, dcw_ptr, dcb_ptr,
-                     C, HW, M, sN, sC, sS, rN, rC, rS,
-                     HAS_RES: tl.constexpr, HAS_SHIFT: tl.constexpr, RELU: tl.constexpr, BLOCK: tl.constexpr):
-    g = tl.program_id(0)
-    c = tl.program_id(1)
-    base = g * M // HW * sN + c * sC
-    rbase = g * M // HW * rN + c * rC
-    mean = tl.load(mean_ptr + g * C + c)
-    rstd = tl.load(rstd_ptr + g * C + c)
-    scale = tl.load(scale_ptr + c).to(tl.float32)
-    a = scale * tl.load(cw_ptr + g * C + c).to(tl.float32)
-    shift = 0.0
-    b = 0.0
-    if HAS_SHIFT:
-        shift = tl.load(shift_ptr + c).to(tl.float32)
-        b = shift * tl.load(cb_ptr + g * C + c).to(tl.float32)
-    s_dy = tl.zeros([BLOCK], dtype=tl.float32)
-    s_dyxh = tl.zeros([BLOCK], dtype=tl.float32)
-    for start in range(0, M, BLOCK):
-        i = start + tl.arange(0, BLOCK)
-        m = i < M
-        xh, dy = _xh_and_dy(x_ptr, dy_ptr, res_ptr, base + _offsets(i, HW, sN, sS),
-                            rbase + _offsets(i, HW, rN, rS), m, mean, rstd, a, b, HAS_RES, RELU)
-        s_dy += dy
-        s_dyxh += dy * xh
-    sum_dy = tl.sum(s_dy, 0)
-    sum_dyxh = tl.sum(s_dyxh, 0)
-    tl.store(dcw_ptr + g * C + c, sum_dyxh * scale)
-    tl.store(dcb_ptr + g * C + c, sum_dy * shift)
-    k = a * rstd / M
-    for start in range(0, M, BLOCK):
-        i = start + tl.arange(0, BLOCK)
-        m = i < M
-        off = base + _offsets(i, HW, sN, sS)
-        xh, dy = _xh_and_dy(x_ptr, dy_ptr, res_ptr, off, rbase + _offsets(i, HW, rN, rS), m, mean, rstd, a, b,
-                            HAS_RES, RELU)
-        dx = k * (M * dy - sum_dy - xh * sum_dyxh)
-        tl.store(dx_ptr + off, dx.to(dx_ptr.dtype.element_ty), mask=m)
-        if HAS_RES:
-            tl.store(dres_ptr + rbase + _offsets(i, HW, rN, rS), dy.to(dres_ptr.dtype.element_ty), mask=m)
+def _input_grad_kernel(src_ptr, x_ptr, dx_ptr, mean_ptr, ardstd_ptr, mdy_ptr, proj_ptr, C, HW, M_g, Ng, chunk,
+                       sN, sC, sS, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
+    pid_c, pid_m, g = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    cm = c < C
+    gc = g * C + c
+    mean = tl.load(mean_ptr + gc, mask=cm, other=0.0)[None, :]
+    k = tl.load(ardstd_ptr + gc, mask=cm, other=0.0)[None, :]
+    mdy = tl.load(mdy_ptr + gc, mask=cm, other=0.0)[None, :]
+    proj = tl.load(proj_ptr + gc, mask=cm, other=0.0)[None, :]
+    for start in range(0, chunk, BLOCK_M):
+        m = pid_m * chunk + start + tl.arange(0, BLOCK_M)
+        n = g * Ng + m // HW
+        s = m % HW
+        msk = ((m < M_g) & (m < (pid_m + 1) * chunk))[:, None] & cm[None, :]
+        off = (n * sN + s * sS)[:, None] + (c * sC)[None, :]
+        d = tl.load(src_ptr + off, mask=msk, other=0.0).to(tl.float32)
+        x = tl.load(x_ptr + off, mask=msk, other=0.0).to(tl.float32)
+        dx = k * (d - mdy - (x - mean) * proj)
+        tl.store(dx_ptr + off, _cast_to(dx, dx_ptr), mask=msk)
 
 
-def _spatial_strides(t: torch.Tensor):
-    """(sN, sC, sS) of a 4-D tensor whose H and W collapse into one spatial index (NCHW or channels_last)."""
-    n, c, h, w = t.shape
-    sn, sc, sh, sw = t.stride()
-    if h > 1 and w > 1 and sh != w * sw:
-        raise ValueError("H and W of the input do not collapse into one index; make it contiguous")
-    return sn, sc, (sw if w > 1 else sh)
+# ------------------------------------------------------------------------------------------------ host side
+
+def _strides3(t: torch.Tensor):
+    """(sN, sC, sS) of t read as (N, C, S): the trailing dims must collapse into one index."""
+    n, c = t.shape[:2]
+    rest = t.shape[2:]
+    if len(rest) == 0:
+        return t.stride(0), t.stride(1), 1
+    # the spatial dims collapse when each one's stride is the next one's stride times its size
+    strides = [st for st, sz in zip(t.stride()[2:], rest) if sz > 1]
+    sizes = [sz for sz in rest if sz > 1]
+    for i in range(len(sizes) - 1):
+        if strides[i] != strides[i + 1] * sizes[i + 1]:
+            raise ValueError("the spatial dims of the input do not collapse into one index")
+    return t.stride(0), t.stride(1), (strides[-1] if strides else 1)
 
 
-BLOCK = 256
+def _launch_shape(N, C, S, G, rows_major):
+    M_g = N // G * S
+    block_c = min(triton.next_power_of_2(C), 32 if rows_major else 4)
+    block_m = max(16, 2048 // block_c)
+    n_c = triton.cdiv(C, block_c)
+    splits = max(1, min(triton.cdiv(M_g, block_m), 1024 // max(1, n_c * G)))
+    chunk = triton.cdiv(triton.cdiv(M_g, splits), block_m) * block_m
+    splits = triton.cdiv(M_g, chunk)
+    return M_g, block_c, block_m, n_c, splits, chunk
 
 
-def forward(x, scale, shift, coef_w, coef_b, residual=None, relu=False, eps=1e-5, training=True,
-            running_mean=None, running_var=None, momentum=0.1):
-    """Launch the forward kernel; returns (y, mean, rstd), mean/rstd of shape (G, C), fp32.
+def _prepare(x):
+    N, C = x.shape[:2]
+    S = x.numel() // max(1, N * C)
+    sN, sC, sS = _strides3(x)
+    return N, C, S, (sN, sC, sS), sC == 1 and S > 1
 
-    training: batch statistics per group; running statistics, when given, are then updated group after
-    group exactly as torch's batch_norm would (unbiased variance). Otherwise (eval) the running statistics
-    normalise every group."""
-    N, C, H, W = x.shape
-    G = coef_w.shape[0]
-    if N % G:
-        raise ValueError(f"batch {N} is not divisible into {G} groups")
-    M = (N // G) * H * W
+
+def forward(x, a, b, residual=None, mean_in=None, rstd_in=None, relu=False, training=True, eps=1e-5):
+    """Launch the forward. a, b: fp32 (G, C) composed coefficients. Training: batch statistics per group
+    (mean_in/rstd_in ignored); eval: the given (G, C) mean and rstd. Returns y (x's strides) and fp32 (G, C)
+    mean, rstd and unbiased batch variance (zeros in eval)."""
+    G = a.shape[0]
+    N, C, S, sx, rows_major = _prepare(x)
+    M_g, block_c, block_m, n_c, splits, chunk = _launch_shape(N, C, S, G, rows_major)
     y = torch.empty_like(x)
-    if training:
-        mean = torch.empty(G, C, device=x.device, dtype=torch.float32)
-        rstd = torch.empty_like(mean)
-    else:
-        if running_mean is None or running_var is None:
-            raise ValueError("eval mode needs running statistics")
-        mean = running_mean.float().expand(G, C).contiguous()
-        rstd = torch.rsqrt(running_var.float() + eps).expand(G, C).contiguous()
-    sx = _spatial_strides(x)
-    sr = _spatial_strides(residual) if residual is not None else (0, 0, 0)
     if y.stride() != x.stride():
-        raise ValueError("output must share the input's strides")
-    _forward_kernel[(G, C)](
-        x, residual if residual is not None else x, y, scale, shift if shift is not None else scale,
-        coef_w.contiguous(), coef_b.contiguous(), mean, rstd, C, H * W, M, *sx, *sr, eps,
-        HAS_RES=residual is not None, HAS_SHIFT=shift is not None, RELU=relu, GIVEN_STATS=not training,
-        BLOCK=BLOCK)
-    if training and running_mean is not None:
-        with torch.no_grad():
-            var = (1.0 / (rstd * rstd) - eps).clamp_min(0) * (M / max(M - 1, 1))
-            for g in range(G):  # torch updates the running statistics once per batch_norm call, in turn
-                running_mean.mul_(1 - momentum).add_(mean[g].to(running_mean.dtype), alpha=momentum)
-                running_var.mul_(1 - momentum).add_(var[g].to(running_var.dtype), alpha=momentum)
-    return y, mean, rstd
+        raise ValueError("the input must be dense (contiguous or channels_last)")
+    grid = (n_c, splits, G)
+    a = a.float().contiguous()
+    b = b.float().contiguous()
+    if training:
+        k = torch.as_strided(x, (N, C), (sx[0], sx[1]))[::N // G].float().contiguous()  # (G, C) shifts
+        p1 = torch.empty(G, splits, C, device=x.device, dtype=torch.float32)
+        p2 = torch.empty_like(p1)
+        _stats_kernel[grid](x, k, p1, p2, C, S, M_g, N // G, chunk, splits, *sx, BLOCK_M=block_m, BLOCK_C=block_c)
+        s1 = p1.double().sum(1) / M_g
+        var = (p2.double().sum(1) / M_g - s1 * s1).clamp_min(0)
+        mean = (k.double() + s1).float()
+        rstd = torch.rsqrt(var + eps).float()
+        var_unbiased = (var * (M_g / max(M_g - 1, 1))).float()
+    else:
+        mean = torch.empty(G, C, device=x.device).copy_(mean_in.reshape(-1, C).expand(G, C))  # never an alias
+        rstd = torch.empty(G, C, device=x.device).copy_(rstd_in.reshape(-1, C).expand(G, C))
+        var_unbiased = torch.zeros_like(mean)
+    if residual is not None and residual.stride() != x.stride():
+        residual = torch.empty_like(x).copy_(residual)
+    sr = _strides3(residual) if residual is not None else (0, 0, 0)
+    _normalize_kernel[grid](x, residual if residual is not None else x, y, a, b, mean, rstd, C, S, M_g, N // G,
+                            chunk, *sx, *sr, HAS_RES=residual is not None, RELU=relu, BLOCK_M=block_m,
+                            BLOCK_C=block_c)
+    return y, mean, rstd, var_unbiased
 
 
-def backward(dy, x, scale, shift, coef_w, coef_b, mean, rstd, residual=None, relu=False):
-    """Launch the backward kernel of a TRAINING-mode forward (batch statistics ``mean``/``rstd`` from it);
-    returns (dx, dresidual or None, dcoef_w, dcoef_b). Eval-mode backward is not implemented here."""
-    N, C, H, W = x.shape
-    G = coef_w.shape[0]
-    M = (N // G) * H * W
-    dy = dy.contiguous(memory_format=torch.channels_last if x.is_contiguous(
-        memory_format=torch.channels_last) and not x.is_contiguous() else torch.contiguous_format)
+def backward(dy, x, y, a, mean, rstd, has_residual=False, relu=False, training=True):
+    """Launch the backward. y: the forward output (read for the ReLU mask only). Returns dx, dy' (the
+    residual's gradient when has_residual and relu, else an empty tensor) and fp32 (G, C) sum_dy and
+    sum_dyxc = sum(dy' * (x - mean))."""
+    G = a.shape[0]
+    N, C, S, sx, rows_major = _prepare(x)
+    M_g, block_c, block_m, n_c, splits, chunk = _launch_shape(N, C, S, G, rows_major)
     if dy.stride() != x.stride():
         dy = torch.empty_like(x).copy_(dy)
+    if relu and y.stride() != x.stride():
+        y = torch.empty_like(x).copy_(y)
     dx = torch.empty_like(x)
-    dres = torch.empty_like(residual) if residual is not None else None
-    dcw = torch.empty(G, C, device=x.device, dtype=torch.float32)
-    dcb = torch.empty_like(dcw)
-    sx = _spatial_strides(x)
-    sr = _spatial_strides(residual) if residual is not None else (0, 0, 0)
-    _backward_kernel[(G, C)](
-        x, residual if residual is not None else x, dy, dx, dres if dres is not None else dx, scale,
-        shift if shift is not None else scale, coef_w.contiguous(), coef_b.contiguous(), mean, rstd, dcw, dcb,
-        C, H * W, M, *sx, *sr,
-        HAS_RES=residual is not None, HAS_SHIFT=shift is not None, RELU=relu, BLOCK=BLOCK)
-    return dx, dres, dcw, dcb
+    dres = torch.empty_like(x) if (has_residual and relu) else x.new_empty((0,))
+    gbuf = (dres if has_residual else dx) if relu else dx
+    grid = (n_c, splits, G)
+    p1 = torch.empty(G, splits, C, device=x.device, dtype=torch.float32)
+    p2 = torch.empty_like(p1)
+    mean = mean.float().contiguous()
+    rstd = rstd.float().contiguous()
+    _grad_sums_kernel[grid](dy, x, y if relu else x, gbuf, mean, p1, p2, C, S, M_g, N // G, chunk, splits, *sx,
+                            RELU=relu, BLOCK_M=block_m, BLOCK_C=block_c)
+    sum_dy = p1.double().sum(1)
+    sum_dyxc = p2.double().sum(1)
+    a_rstd = (a.float() * rstd).contiguous()
+    if training:
+        mdy = (sum_dy / M_g).float()
+        proj = ((sum_dyxc / M_g) * rstd.double() * rstd.double()).float()
+    else:
+        mdy = torch.zeros_like(rstd)
+        proj = torch.zeros_like(rstd)
+    _input_grad_kernel[grid](gbuf if relu else dy, x, dx, mean, a_rstd, mdy.contiguous(), proj.contiguous(), C, S,
+                             M_g, N // G, chunk, *sx, BLOCK_M=block_m, BLOCK_C=block_c)
+    return dx, dres, sum_dy.float(), sum_dyxc.float()

@@ -30,7 +30,7 @@ def _replaying(engine, draws):
     return engine
 
 
-EXACT = dict(channels_last=False, merge_passes=False, compile=False)
+EXACT = dict(channels_last=False, merge_passes=False, compile=False, fused_kernels=False)
 
 
 def _run_both(model, batches, n_steps, **cfg):

@@ -1,63 +1,115 @@
 """The one dispatch point of the perturbed normalisation ops.
 
-Layers call the functions here; which implementation runs is decided here and nowhere else. Backends
-register implementations with :func:`register`; ``ANP_FAST_BACKEND=<name>`` forces one backend (an op the
-forced backend lacks falls back to eager). The eager backend (``ops.eager``) is the specification.
+Layers call the functions here; which implementation runs is decided here and nowhere else, per op and per
+device type. Backends register with :func:`register`; the fused ones (C++ CPU, CUDA, Triton: custom ops, see
+``ops.fused``) load on first use, and a missing compiled library is reported once (the op then runs eagerly).
+``ANP_FAST_BACKEND=<name>`` forces one backend (where it lacks the op or the device, eager runs); a call with
+``fused=False`` runs eagerly. The eager backend (``ops.eager``) is the specification.
 """
 from __future__ import annotations
 
 import os
-from typing import Callable, Dict
+from typing import Callable, Dict, Optional, Sequence, Tuple
 
 from . import eager
+from .loaders import warn_once
 
 OPS = ("perturbed_batch_norm", "perturbed_layer_norm", "perturbed_group_norm", "perturbed_channel_gate")
+ALL_DEVICES = ("cpu", "cuda", "mps", "xpu", "meta")
 
-# op name -> ordered {backend name: implementation}; earlier entries are preferred.
-_REGISTRY: Dict[str, Dict[str, Callable]] = {op: {} for op in OPS}
+# op name -> ordered {backend name: (implementation, device types)}; earlier entries are preferred.
+_REGISTRY: Dict[str, Dict[str, Tuple[Callable, Tuple[str, ...]]]] = {op: {} for op in OPS}
+_custom_ops: Dict[str, tuple] = {}  # backend -> (forward op, backward op) of its fused batch norm
+_loaded = False
 
 
-def register(op: str, backend: str, fn: Callable, *, preferred: bool = True) -> None:
-    """Register ``fn`` as ``backend``'s implementation of ``op`` (preferred over those already there)."""
+def register(op: str, backend: str, fn: Callable, *, devices: Sequence[str] = ALL_DEVICES,
+             preferred: bool = True) -> None:
+    """Register ``fn`` as ``backend``'s implementation of ``op`` on ``devices`` (preferred over those there)."""
     if op not in _REGISTRY:
         raise KeyError(f"unknown op {op!r}; ops: {', '.join(OPS)}")
     table = _REGISTRY[op]
     table.pop(backend, None)
-    _REGISTRY[op] = {backend: fn, **table} if preferred else {**table, backend: fn}
+    entry = {backend: (fn, tuple(devices))}
+    _REGISTRY[op] = {**entry, **table} if preferred else {**table, **entry}
 
 
-def backends(op: str):
-    """Backend names available for ``op``, most preferred first."""
-    return list(_REGISTRY[op])
+def _load_fused() -> None:
+    """Define the custom ops of every compiled backend that loads (once)."""
+    global _loaded
+    if _loaded:
+        return
+    _loaded = True
+    from . import fused, loaders
+    for name, (kernels, devices) in (("triton", (loaders.triton_kernels(), ("cuda",))),
+                                     ("cuda", (loaders.cuda_kernels(), ("cuda",))),
+                                     ("cpp", (loaders.cpp_kernels()[0], ("cpu",)))):
+        if kernels is not None:
+            fn, fwd, bwd = fused.define_batch_norm(name, kernels)
+            _custom_ops[name] = (fwd, bwd)
+            register("perturbed_batch_norm", name, fn, devices=devices)
 
 
-def resolve(op: str) -> Callable:
-    """The implementation of ``op`` that runs now."""
-    forced = os.environ.get("ANP_FAST_BACKEND")
+def backends(op: str, device_type: Optional[str] = None):
+    """Backend names available for ``op`` (on ``device_type``, if given), most preferred first."""
+    _load_fused()
+    return [name for name, (_, devices) in _REGISTRY[op].items() if device_type is None or device_type in devices]
+
+
+def implementation(op: str, backend: str) -> Callable:
+    """``backend``'s implementation of ``op``, whatever the device (tests and benchmarks compare them)."""
+    _load_fused()
+    if backend not in _REGISTRY[op]:
+        raise KeyError(f"{op} has no backend {backend!r} here; available: {', '.join(_REGISTRY[op])}")
+    return _REGISTRY[op][backend][0]
+
+
+def custom_ops(backend: str):
+    """(forward, backward) custom ops of ``backend``'s fused batch norm."""
+    _load_fused()
+    return _custom_ops[backend]
+
+
+def resolve(op: str, device_type: str = "cpu", fused: bool = True) -> Callable:
+    """The implementation of ``op`` that runs now on ``device_type``."""
+    _load_fused()
     table = _REGISTRY[op]
+    if not fused:
+        return table["eager"][0]
+    forced = os.environ.get("ANP_FAST_BACKEND")
     if forced:
-        return table.get(forced, table["eager"])
-    return next(iter(table.values()))
+        fn, devices = table.get(forced, table["eager"])
+        return fn if device_type in devices else table["eager"][0]
+    for name, (fn, devices) in table.items():
+        if device_type in devices:
+            if name == "eager" and op == "perturbed_batch_norm" and device_type == "cpu":
+                from .loaders import cpp_kernels
+                err = cpp_kernels()[1]
+                warn_once("cpp", f"anp_fast: the C++ CPU kernels are not built ({type(err).__name__}: {err}); "
+                                 "the perturbed batch norm runs eagerly on the CPU (slower). Build them with "
+                                 "`pip install --no-build-isolation -e .` in the source tree.")
+            return fn
+    return table["eager"][0]
 
 
 for _op in OPS:
     register(_op, "eager", getattr(eager, _op))
 
 
-def perturbed_batch_norm(*args, **kwargs):
-    return resolve("perturbed_batch_norm")(*args, **kwargs)
+def perturbed_batch_norm(x, *args, fused: bool = True, **kwargs):
+    return resolve("perturbed_batch_norm", x.device.type, fused)(x, *args, **kwargs)
 
 
-def perturbed_layer_norm(*args, **kwargs):
-    return resolve("perturbed_layer_norm")(*args, **kwargs)
+def perturbed_layer_norm(x, *args, fused: bool = True, **kwargs):
+    return resolve("perturbed_layer_norm", x.device.type, fused)(x, *args, **kwargs)
 
 
-def perturbed_group_norm(*args, **kwargs):
-    return resolve("perturbed_group_norm")(*args, **kwargs)
+def perturbed_group_norm(x, *args, fused: bool = True, **kwargs):
+    return resolve("perturbed_group_norm", x.device.type, fused)(x, *args, **kwargs)
 
 
-def perturbed_channel_gate(*args, **kwargs):
-    return resolve("perturbed_channel_gate")(*args, **kwargs)
+def perturbed_channel_gate(z, *args, fused: bool = True, **kwargs):
+    return resolve("perturbed_channel_gate", z.device.type, fused)(z, *args, **kwargs)
 
 
 perturbed_batch_norm.__doc__ = eager.perturbed_batch_norm.__doc__

@@ -31,16 +31,20 @@ def _shift(shift: Optional[Tensor], coef_b_row: Tensor) -> Optional[Tensor]:
 
 def perturbed_batch_norm(x: Tensor, scale: Tensor, shift: Optional[Tensor], coef_w: Tensor, coef_b: Tensor,
                          running_mean: Optional[Tensor], running_var: Optional[Tensor], training: bool,
-                         momentum: float, eps: float) -> Tensor:
-    """Batch norm over dim 1 of ``x`` (N, C, *) with per-group coefficients. In training mode each group
-    is normalised with its own batch statistics and, when running statistics are given, updates them in
-    turn exactly as ``torch.nn.functional.batch_norm`` does."""
+                         momentum: float, eps: float, residual: Optional[Tensor] = None,
+                         relu: bool = False) -> Tensor:
+    """Batch norm over dim 1 of ``x`` (N, C, *) with per-group coefficients, then ``+ residual`` and ReLU
+    when asked. In training mode each group is normalised with its own batch statistics and, when running
+    statistics are given, updates them in turn exactly as ``torch.nn.functional.batch_norm`` does."""
     parts = [
         F.batch_norm(xg, running_mean, running_var, scale * coef_w[g], _shift(shift, coef_b[g]),
                      training, momentum, eps)
         for g, xg in enumerate(_chunks(x, coef_w.shape[0]))
     ]
-    return _join(parts)
+    y = _join(parts)
+    if residual is not None:
+        y = y + residual
+    return F.relu(y) if relu else y
 
 
 def perturbed_layer_norm(x: Tensor, normalized_shape: Sequence[int], scale: Tensor, shift: Optional[Tensor],

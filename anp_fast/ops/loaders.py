@@ -1,0 +1,80 @@
+"""The compiled backends of the fused ops, loaded lazily: the C++ CPU extension (csrc/cpu), the CUDA
+extension (csrc/cuda) and the Triton kernels (kernels/). A backend that cannot load is skipped; a missing
+compiled library on the device it would serve is reported once, with what to do about it."""
+from __future__ import annotations
+
+import importlib
+import warnings
+from typing import Optional
+
+import torch
+
+_FLOAT_TYPES = (torch.float32, torch.bfloat16)
+_warned = set()
+
+
+def warn_once(key: str, message: str) -> None:
+    if key not in _warned:
+        _warned.add(key)
+        warnings.warn(message, RuntimeWarning, stacklevel=3)
+
+
+class _Extension:
+    """Kernels of a compiled extension module, through its pybind11 functions."""
+
+    def __init__(self, module, device_type: str, dtypes):
+        self.module, self.device_type, self.dtypes = module, device_type, dtypes
+
+    def supports(self, x) -> bool:
+        return x.device.type == self.device_type and x.dtype in self.dtypes and x.dim() >= 2 and x.numel() > 0
+
+    def forward(self, x, a, b, residual, mean_in, rstd_in, relu, training, eps):
+        return tuple(self.module.perturbed_batch_norm_forward(x, a, b, residual, mean_in, rstd_in, relu, training,
+                                                              eps))
+
+    def backward(self, dy, x, y, a, mean, rstd, has_residual, relu, training):
+        return tuple(self.module.perturbed_batch_norm_backward(dy, x, y, a, mean, rstd, has_residual, relu,
+                                                               training))
+
+
+class _Triton:
+    def __init__(self, module):
+        self.module = module
+
+    def supports(self, x) -> bool:
+        if x.dtype not in _FLOAT_TYPES + (torch.float16,) or x.dim() < 2 or x.numel() == 0:
+            return False
+        try:
+            self.module._strides3(x)
+        except ValueError:
+            return False
+        return True
+
+    def forward(self, *args):
+        return self.module.forward(*args)
+
+    def backward(self, *args):
+        return self.module.backward(*args)
+
+
+def _import(name: str):
+    try:
+        return importlib.import_module(name), None
+    except Exception as exc:  # ImportError, or an ABI mismatch surfacing as OSError/RuntimeError
+        return None, exc
+
+
+def cpp_kernels():
+    """(kernels, None) or (None, the reason they did not load)."""
+    module, err = _import("anp_fast._cpu_kernels")
+    return (_Extension(module, "cpu", _FLOAT_TYPES), None) if module is not None else (None, err)
+
+
+def cuda_kernels() -> Optional[_Extension]:
+    module, _ = _import("anp_fast._cuda_kernels")
+    return None if module is None else _Extension(module, "cuda", _FLOAT_TYPES + (torch.float16,))
+
+
+def triton_kernels() -> Optional[_Triton]:
+    module, _ = _import("anp_fast_kernels.perturbed_batch_norm")
+    return None if module is None else _Triton(module)
