@@ -31,15 +31,16 @@ TOKENS = {
     "sep": ("merge_passes", False), "merged": ("merge_passes", True),
     "eager": ("compile", False), "compile": ("compile", True),
     "fp32": ("precision", "fp32"), "bf16": ("precision", "bf16"), "mixed": ("precision", "mixed"),
+    "unfused": ("fused_kernels", False), "fused": ("fused_kernels", True),
 }
-BASE = dict(channels_last=False, merge_passes=False, compile=False, precision="fp32")
+BASE = dict(channels_last=False, merge_passes=False, compile=False, precision="fp32", fused_kernels=False)
 DEFAULT_MODES = ["published", "nchw", "cl", "nchw+merged", "cl+compile", "cl+bf16", "cl+mixed", "cl+bf16+compile"]
 
 
 def parse_mode(mode: str):
     """None for "published" (the eager published loop), else the engine config of a mode written as
-    '+'-joined tokens over NCHW / separate passes / eager / fp32: nchw|cl, sep|merged, eager|compile,
-    fp32|bf16|mixed (e.g. "cl+bf16+compile")."""
+    '+'-joined tokens over NCHW / separate passes / eager / fp32 / eager ops: nchw|cl, sep|merged,
+    eager|compile, fp32|bf16|mixed, unfused|fused (the fused kernels; e.g. "cl+bf16+fused")."""
     if mode == "published":
         return None
     config = dict(BASE)
@@ -57,7 +58,8 @@ def describe(mode: str) -> str:
         return "eager published loop: weights require grad, per-module flags, separate passes"
     return (f"engine: {'channels_last' if c['channels_last'] else 'NCHW'}, "
             f"{'merged' if c['merge_passes'] else 'separate'} passes, "
-            f"{'compiled' if c['compile'] else 'eager'}, {c['precision']}")
+            f"{'compiled' if c['compile'] else 'eager'}, {c['precision']}"
+            f"{', fused kernels' if c['fused_kernels'] else ''}")
 
 
 def build_model(name: str, num_classes: int = 10):

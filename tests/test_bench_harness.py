@@ -11,7 +11,8 @@ from anp_fast_bench import bench
 def test_parse_mode():
     assert bench.parse_mode("published") is None
     assert bench.parse_mode("cl+bf16+compile") == dict(channels_last=True, merge_passes=False, compile=True,
-                                                       precision="bf16")
+                                                       precision="bf16", fused_kernels=False)
+    assert bench.parse_mode("nchw+fused")["fused_kernels"] is True
     with pytest.raises(ValueError, match="unknown token 'fast'"):
         bench.parse_mode("cl+fast")
 

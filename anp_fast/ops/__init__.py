@@ -48,6 +48,11 @@ def _load_fused() -> None:
             fn, fwd, bwd = fused.define_batch_norm(name, kernels)
             _custom_ops[name] = (fwd, bwd)
             register("perturbed_batch_norm", name, fn, devices=devices)
+    layer_norm = loaders.triton_layer_norm_kernels()
+    if layer_norm is not None:
+        fn, fwd, bwd = fused.define_layer_norm("triton", layer_norm)
+        _custom_ops["triton_layer_norm"] = (fwd, bwd)
+        register("perturbed_layer_norm", "triton", fn, devices=("cuda",))
 
 
 def backends(op: str, device_type: Optional[str] = None):
@@ -64,10 +69,10 @@ def implementation(op: str, backend: str) -> Callable:
     return _REGISTRY[op][backend][0]
 
 
-def custom_ops(backend: str):
-    """(forward, backward) custom ops of ``backend``'s fused batch norm."""
+def custom_ops(backend: str, op: str = "perturbed_batch_norm"):
+    """(forward, backward) custom ops of ``backend``'s fused ``op``."""
     _load_fused()
-    return _custom_ops[backend]
+    return _custom_ops[backend if op == "perturbed_batch_norm" else f"{backend}_{op[len('perturbed_'):]}"]
 
 
 def resolve(op: str, device_type: str = "cpu", fused: bool = True) -> Callable:

@@ -103,3 +103,59 @@ def define_batch_norm(backend: str, kernels) -> Tuple[Callable, object, object]:
 
     perturbed_batch_norm.__doc__ = eager.perturbed_batch_norm.__doc__
     return perturbed_batch_norm, forward_op, backward_op
+
+
+def define_layer_norm(backend: str, kernels) -> Tuple[Callable, object, object]:
+    """Register ``anp_fast::perturbed_layer_norm_<backend>`` (+ ``_backward``) over ``kernels`` with
+    ``forward(x2d, a, b, eps) -> (y, mean, rstd)`` and ``backward(dy, x2d, a, mean, rstd) -> (dx, sum_dyxh,
+    sum_dy)``; returns the op-level function (the eager op's signature) and the two custom ops."""
+    name = f"anp_fast::perturbed_layer_norm_{backend}"
+
+    @torch.library.custom_op(name, mutates_args=())
+    def forward_op(x: Tensor, a: Tensor, b: Tensor, eps: float) -> Tuple[Tensor, Tensor, Tensor]:
+        y, mean, rstd = kernels.forward(x, a, b, eps)
+        return y, mean, rstd
+
+    @forward_op.register_fake
+    def _(x, a, b, eps):
+        stats = x.new_empty(x.shape[:1], dtype=torch.float32)
+        return torch.empty_like(x), stats, torch.empty_like(stats)
+
+    @torch.library.custom_op(name + "_backward", mutates_args=())
+    def backward_op(dy: Tensor, x: Tensor, a: Tensor, mean: Tensor, rstd: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+        dx, sum_dyxh, sum_dy = kernels.backward(dy, x, a, mean, rstd)
+        return dx, sum_dyxh, sum_dy
+
+    @backward_op.register_fake
+    def _(dy, x, a, mean, rstd):
+        return torch.empty_like(x), _stats_like(a), _stats_like(a)
+
+    def setup_context(ctx, inputs, output):
+        x, a, b, eps = inputs
+        _, mean, rstd = output
+        ctx.save_for_backward(x, a, mean, rstd)
+        ctx.dtypes = (a.dtype, b.dtype)
+
+    def backward(ctx, dy, _dmean, _drstd):
+        x, a, mean, rstd = ctx.saved_tensors
+        dx, sum_dyxh, sum_dy = backward_op(dy.contiguous(), x, a, mean, rstd)
+        return dx, sum_dyxh.to(ctx.dtypes[0]), sum_dy.to(ctx.dtypes[1]), None
+
+    forward_op.register_autograd(backward, setup_context=setup_context)
+
+    def perturbed_layer_norm(x: Tensor, normalized_shape, scale: Optional[Tensor], shift: Optional[Tensor],
+                             coef_w: Tensor, coef_b: Tensor, eps: float) -> Tensor:
+        shape = tuple(normalized_shape)
+        features = 1
+        for s in shape:
+            features *= s
+        groups = coef_w.shape[0]
+        if not kernels.supports(x, features) or x.shape[0] % groups:
+            return eager.perturbed_layer_norm(x, normalized_shape, scale, shift, coef_w, coef_b, eps)
+        a = scale.reshape(-1).to(torch.float32) * coef_w if scale is not None else coef_w.to(torch.float32)
+        b = shift.reshape(-1).to(torch.float32) * coef_b if shift is not None else torch.zeros_like(a)
+        y, _, _ = forward_op(x.reshape(-1, features).contiguous(), a, b, eps)
+        return y.view(x.shape)
+
+    perturbed_layer_norm.__doc__ = eager.perturbed_layer_norm.__doc__
+    return perturbed_layer_norm, forward_op, backward_op

@@ -78,3 +78,23 @@ def cuda_kernels() -> Optional[_Extension]:
 def triton_kernels() -> Optional[_Triton]:
     module, _ = _import("anp_fast_kernels.perturbed_batch_norm")
     return None if module is None else _Triton(module)
+
+
+class _TritonLayerNorm:
+    def __init__(self, module):
+        self.module = module
+
+    def supports(self, x, features: int) -> bool:
+        return (x.dtype in _FLOAT_TYPES + (torch.float16,) and x.numel() > 0 and x.dim() >= 2
+                and features <= self.module.MAX_D)
+
+    def forward(self, *args):
+        return self.module.forward(*args)
+
+    def backward(self, *args):
+        return self.module.backward(*args)
+
+
+def triton_layer_norm_kernels() -> Optional[_TritonLayerNorm]:
+    module, _ = _import("anp_fast_kernels.perturbed_layer_norm")
+    return None if module is None else _TritonLayerNorm(module)
