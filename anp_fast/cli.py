@@ -34,13 +34,17 @@ def _add_config_flags(p: argparse.ArgumentParser, skip=("iters", "seed")) -> Non
                    help="clean and perturbed passes as one pass over the batch twice (default: on CUDA)")
     f.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="torch.compile the model passes (default: on CUDA)")
+    f.add_argument("--fused-kernels", action=argparse.BooleanOptionalAction, default=None,
+                   help="fused compiled norm kernels (default: where built; --no-fused-kernels: eager ops, "
+                        "bit-identical to the published loop)")
 
 
 def _config_from(args) -> ANPConfig:
     return ANPConfig(eps=args.eps, steps=args.steps, alpha=args.alpha, lr=args.lr, momentum=args.momentum,
                      batch_size=args.batch_size, project_noise=args.project_noise, layers=args.layers,
                      train_mode=args.train_mode, device=args.device, precision=args.precision,
-                     channels_last=args.channels_last, merge_passes=args.merge_passes, compile=args.compile)
+                     channels_last=args.channels_last, merge_passes=args.merge_passes, compile=args.compile,
+                     fused_kernels=args.fused_kernels)
 
 
 def build_parser() -> argparse.ArgumentParser:
