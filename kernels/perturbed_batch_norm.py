@@ -18,17 +18,19 @@ import torch
 import triton
 import triton.language as tl
 
+from ._common import cast_to
+
 
 @triton.jit
-def _cast_to(v, ptr):
-    """v (fp32) in the element type of ptr; bfloat16 rounded to nearest even by hand, so the CPU interpreter
-    (whose cast truncates) rounds as the GPU and torch do."""
-    if ptr.dtype.element_ty == tl.bfloat16:
-        u = v.to(tl.uint32, bitcast=True)
-        u = u + 0x7FFF + ((u >> 16) & 1)
-        return (u >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
-    else:
-        return v.to(ptr.dtype.element_ty)
+def _tile(pid_m, start, chunk, g, Ng, HW, M_g, c, cm, sN, sC, sS, BLOCK_M: tl.constexpr):
+    """Sample/spatial indices, mask and offsets of one (BLOCK_M, BLOCK_C) tile: elements start.. of this
+    program's slice [pid_m * chunk, (pid_m + 1) * chunk) of group g, channels c."""
+    m = pid_m * chunk + start + tl.arange(0, BLOCK_M)
+    n = g * Ng + m // HW
+    s = m % HW
+    msk = ((m < M_g) & (m < (pid_m + 1) * chunk))[:, None] & cm[None, :]
+    off = (n * sN + s * sS)[:, None] + (c * sC)[None, :]
+    return n, s, msk, off
 
 
 @triton.jit
@@ -41,11 +43,7 @@ def _stats_kernel(x_ptr, k_ptr, p1_ptr, p2_ptr, C, HW, M_g, Ng, chunk, SPLITS, s
     acc1 = tl.zeros([BLOCK_C], dtype=tl.float32)
     acc2 = tl.zeros([BLOCK_C], dtype=tl.float32)
     for start in range(0, chunk, BLOCK_M):
-        m = pid_m * chunk + start + tl.arange(0, BLOCK_M)
-        n = g * Ng + m // HW
-        s = m % HW
-        off = (n * sN + s * sS)[:, None] + (c * sC)[None, :]
-        msk = ((m < M_g) & (m < (pid_m + 1) * chunk))[:, None] & cm[None, :]
+        n, s, msk, off = _tile(pid_m, start, chunk, g, Ng, HW, M_g, c, cm, sN, sC, sS, BLOCK_M)
         v = tl.load(x_ptr + off, mask=msk, other=0.0).to(tl.float32) - k[None, :]
         v = tl.where(msk, v, 0.0)
         acc1 += tl.sum(v, 0)
@@ -68,11 +66,7 @@ def _normalize_kernel(x_ptr, res_ptr, y_ptr, a_ptr, b_ptr, mean_ptr, rstd_ptr, C
     a = tl.load(a_ptr + gc, mask=cm, other=0.0)
     b = tl.load(b_ptr + gc, mask=cm, other=0.0)
     for start in range(0, chunk, BLOCK_M):
-        m = pid_m * chunk + start + tl.arange(0, BLOCK_M)
-        n = g * Ng + m // HW
-        s = m % HW
-        msk = ((m < M_g) & (m < (pid_m + 1) * chunk))[:, None] & cm[None, :]
-        off = (n * sN + s * sS)[:, None] + (c * sC)[None, :]
+        n, s, msk, off = _tile(pid_m, start, chunk, g, Ng, HW, M_g, c, cm, sN, sC, sS, BLOCK_M)
         x = tl.load(x_ptr + off, mask=msk, other=0.0).to(tl.float32)
         y = (x - mean[None, :]) * rstd[None, :] * a[None, :] + b[None, :]
         if HAS_RES:
@@ -80,7 +74,7 @@ def _normalize_kernel(x_ptr, res_ptr, y_ptr, a_ptr, b_ptr, mean_ptr, rstd_ptr, C
             y += tl.load(res_ptr + roff, mask=msk, other=0.0).to(tl.float32)
         if RELU:
             y = tl.where(y < 0, 0.0, y)  # NaN passes, as in torch
-        tl.store(y_ptr + off, _cast_to(y, y_ptr), mask=msk)
+        tl.store(y_ptr + off, cast_to(y, y_ptr), mask=msk)
 
 
 @triton.jit
@@ -93,16 +87,12 @@ def _grad_sums_kernel(dy_ptr, x_ptr, y_ptr, gbuf_ptr, mean_ptr, p1_ptr, p2_ptr, 
     acc1 = tl.zeros([BLOCK_C], dtype=tl.float32)
     acc2 = tl.zeros([BLOCK_C], dtype=tl.float32)
     for start in range(0, chunk, BLOCK_M):
-        m = pid_m * chunk + start + tl.arange(0, BLOCK_M)
-        n = g * Ng + m // HW
-        s = m % HW
-        msk = ((m < M_g) & (m < (pid_m + 1) * chunk))[:, None] & cm[None, :]
-        off = (n * sN + s * sS)[:, None] + (c * sC)[None, :]
+        n, s, msk, off = _tile(pid_m, start, chunk, g, Ng, HW, M_g, c, cm, sN, sC, sS, BLOCK_M)
         d = tl.load(dy_ptr + off, mask=msk, other=0.0).to(tl.float32)
         if RELU:  # the ReLU mask read off the saved output; dy' kept for the second pass (and the residual)
             y = tl.load(y_ptr + off, mask=msk, other=0.0).to(tl.float32)
             d = tl.where(y <= 0, 0.0, d)
-            tl.store(gbuf_ptr + off, _cast_to(d, gbuf_ptr), mask=msk)
+            tl.store(gbuf_ptr + off, cast_to(d, gbuf_ptr), mask=msk)
         xc = tl.where(msk, tl.load(x_ptr + off, mask=msk, other=0.0).to(tl.float32) - mean[None, :], 0.0)
         acc1 += tl.sum(d, 0)
         acc2 += tl.sum(d * xc, 0)
@@ -123,15 +113,11 @@ def _input_grad_kernel(src_ptr, x_ptr, dx_ptr, mean_ptr, ardstd_ptr, mdy_ptr, pr
     mdy = tl.load(mdy_ptr + gc, mask=cm, other=0.0)[None, :]
     proj = tl.load(proj_ptr + gc, mask=cm, other=0.0)[None, :]
     for start in range(0, chunk, BLOCK_M):
-        m = pid_m * chunk + start + tl.arange(0, BLOCK_M)
-        n = g * Ng + m // HW
-        s = m % HW
-        msk = ((m < M_g) & (m < (pid_m + 1) * chunk))[:, None] & cm[None, :]
-        off = (n * sN + s * sS)[:, None] + (c * sC)[None, :]
+        n, s, msk, off = _tile(pid_m, start, chunk, g, Ng, HW, M_g, c, cm, sN, sC, sS, BLOCK_M)
         d = tl.load(src_ptr + off, mask=msk, other=0.0).to(tl.float32)
         x = tl.load(x_ptr + off, mask=msk, other=0.0).to(tl.float32)
         dx = k * (d - mdy - (x - mean) * proj)
-        tl.store(dx_ptr + off, _cast_to(dx, dx_ptr), mask=msk)
+        tl.store(dx_ptr + off, cast_to(dx, dx_ptr), mask=msk)
 
 
 # ------------------------------------------------------------------------------------------------ host side

@@ -14,16 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-
-@triton.jit
-def _cast_to(v, ptr):
-    """v in ptr's element type; bfloat16 rounded to nearest even by hand (the interpreter's cast truncates)."""
-    if ptr.dtype.element_ty == tl.bfloat16:
-        u = v.to(tl.uint32, bitcast=True)
-        u = u + 0x7FFF + ((u >> 16) & 1)
-        return (u >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
-    else:
-        return v.to(ptr.dtype.element_ty)
+from ._common import cast_to
 
 
 @triton.jit
@@ -39,7 +30,7 @@ def _forward_kernel(x_ptr, y_ptr, a_ptr, b_ptr, mean_ptr, rstd_ptr, D, rows_per_
     rstd = 1.0 / tl.sqrt(tl.sum(xc * xc, 0) / D + eps)
     a = tl.load(a_ptr + g * D + d, mask=m, other=0.0)
     b = tl.load(b_ptr + g * D + d, mask=m, other=0.0)
-    tl.store(y_ptr + r * D + d, _cast_to(xc * rstd * a + b, y_ptr), mask=m)
+    tl.store(y_ptr + r * D + d, cast_to(xc * rstd * a + b, y_ptr), mask=m)
     tl.store(mean_ptr + r, mean)
     tl.store(rstd_ptr + r, rstd)
 
@@ -66,7 +57,7 @@ def _backward_kernel(dy_ptr, x_ptr, dx_ptr, a_ptr, mean_ptr, rstd_ptr, pa_ptr, p
         c1 = tl.sum(gxh * xh, 0) / D
         c2 = tl.sum(gxh, 0) / D
         dx = (gxh - xh * c1 - c2) * rstd
-        tl.store(dx_ptr + r * D + d, _cast_to(dx, dx_ptr), mask=m)
+        tl.store(dx_ptr + r * D + d, cast_to(dx, dx_ptr), mask=m)
         acc_a += dy * xh
         acc_b += dy
     n_prog = tl.num_programs(1)

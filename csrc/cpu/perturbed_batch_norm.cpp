@@ -12,45 +12,17 @@
 
 #include <vector>
 
+#include "../layout.h"
 #include "../perturbed_norm_math.h"
 
 namespace {
 
 constexpr int64_t kRowBlock = 64;
 
-struct Geometry {
-  int64_t N, C, S, G, per_group;  // per_group: elements of one (group, channel) = N / G * S
-  bool rows;
-};
-
-bool is_rows_layout(const at::Tensor& x) {
-  if (x.numel() == 0) return false;
-  int64_t S = x.numel() / (x.size(0) * x.size(1));
-  if (S == 1) return x.is_contiguous();
-  if (x.dim() == 4) return x.is_contiguous(at::MemoryFormat::ChannelsLast) && !x.is_contiguous();
-  if (x.dim() == 5) return x.is_contiguous(at::MemoryFormat::ChannelsLast3d) && !x.is_contiguous();
-  return false;
-}
-
-// x itself when it is in one of the two layouts, else a contiguous copy.
-at::Tensor in_layout(const at::Tensor& x) { return (is_rows_layout(x) || x.is_contiguous()) ? x : x.contiguous(); }
-
-// t with exactly the strides of `like` (residual and dy follow the input's layout).
-at::Tensor like_layout(const at::Tensor& t, const at::Tensor& like) {
-  if (t.strides() == like.strides()) return t;
-  return at::empty_like(like).copy_(t);
-}
-
-Geometry geometry(const at::Tensor& x, int64_t G) {
-  Geometry g;
-  g.N = x.size(0);
-  g.C = x.size(1);
-  g.S = x.numel() / (g.N * g.C);
-  g.G = G;
-  g.per_group = g.N / G * g.S;
-  g.rows = is_rows_layout(x);
-  return g;
-}
+using anp::Geometry;
+using anp::geometry;
+using anp::in_layout;
+using anp::like_layout;
 
 // ---------------------------------------------------------------- rows layout
 // Per-channel shifted sums over rows [r0, r1) of one group, accumulated into d1/d2 (fp64, length C).
@@ -96,7 +68,7 @@ void rows_reduce(int64_t rows, int64_t C, Fn fn, double* out1, double* out2) {
 template <typename T>
 void forward_impl(const Geometry& g, const T* x, const T* res, T* y, const float* a, const float* b,
                   float* mean, float* rstd, float* var_unbiased, bool training, bool relu, double eps) {
-  const int64_t C = g.C, M = g.per_group;
+  const int64_t C = g.C, M = g.Mg;
   if (g.rows) {
     const int64_t R = g.N / g.G * g.S;  // rows of one group
     if (training) {
@@ -189,7 +161,7 @@ template <typename T>
 void backward_impl(const Geometry& g, const T* dy, const T* x, const T* y, T* dx, T* gbuf, const float* a,
                    const float* mean, const float* rstd, double* sum_dy, double* sum_dyxc, bool training,
                    bool relu) {
-  const int64_t C = g.C, M = g.per_group;
+  const int64_t C = g.C, M = g.Mg;
   std::vector<anp::GradConsts> gc(g.G * C);
   if (g.rows) {
     const int64_t R = g.N / g.G * g.S;

@@ -13,6 +13,7 @@
 
 #include <vector>
 
+#include "../layout.h"
 #include "../perturbed_norm_math.h"
 
 namespace {
@@ -21,10 +22,7 @@ constexpr int kThreads = 256;
 constexpr int kTileC = 32;     // rows layout: channels per block (one warp's width)
 constexpr int kRowLanes = 8;   // rows layout: rows in flight per block
 
-struct Geo {
-  int64_t N, C, S, G, Ng, Mg;  // Mg: elements of one (group, channel)
-  bool rows;
-};
+using Geo = anp::Geometry;
 
 __device__ __forceinline__ int64_t elem(const Geo& g, int64_t gi, int64_t m, int64_t c) {
   // m-th element of channel c in group gi
@@ -116,16 +114,24 @@ __global__ void partial_sums_planes(Geo g, int64_t chunk, int splits, Term term,
   }
 }
 
+// fp64 sums over the splits of one (group, channel)'s partials
+__device__ __forceinline__ void sum_splits(const Geo& g, int splits, const float* p1, const float* p2, int64_t gi,
+                                           int64_t c, double& s1, double& s2) {
+  s1 = 0;
+  s2 = 0;
+  for (int s = 0; s < splits; ++s) {
+    s1 += p1[(gi * splits + s) * g.C + c];
+    s2 += p2[(gi * splits + s) * g.C + c];
+  }
+}
+
 __global__ void finalize_stats(Geo g, int splits, const float* p1, const float* p2, const float* k, float* mean,
                                float* rstd, float* var_unbiased, double eps) {
   const int64_t i = blockIdx.x * blockDim.x + threadIdx.x;  // (group, channel)
   if (i >= g.G * g.C) return;
   const int64_t gi = i / g.C, c = i % g.C;
-  double s1 = 0, s2 = 0;
-  for (int s = 0; s < splits; ++s) {
-    s1 += p1[(gi * splits + s) * g.C + c];
-    s2 += p2[(gi * splits + s) * g.C + c];
-  }
+  double s1, s2;
+  sum_splits(g, splits, p1, p2, gi, c, s1, s2);
   anp::Stats st = anp::stats_from_shifted_sums(k[i], s1, s2, g.Mg, eps);
   mean[i] = st.mean;
   rstd[i] = st.rstd;
@@ -137,11 +143,8 @@ __global__ void finalize_grad(Geo g, int splits, const float* p1, const float* p
   const int64_t i = blockIdx.x * blockDim.x + threadIdx.x;
   if (i >= g.G * g.C) return;
   const int64_t gi = i / g.C, c = i % g.C;
-  double s1 = 0, s2 = 0;
-  for (int s = 0; s < splits; ++s) {
-    s1 += p1[(gi * splits + s) * g.C + c];
-    s2 += p2[(gi * splits + s) * g.C + c];
-  }
+  double s1, s2;
+  sum_splits(g, splits, p1, p2, gi, c, s1, s2);
   sum_dy[i] = static_cast<float>(s1);
   sum_dyxc[i] = static_cast<float>(s2);
   consts[i] = anp::grad_consts(a[i], rstd[i], s1, s2, g.Mg, training);
@@ -183,31 +186,9 @@ __global__ void input_grad(Geo g, int64_t total, const T* src, const T* x, T* dx
 }
 
 // ---- host side
-bool rows_layout(const at::Tensor& x) {
-  const int64_t S = x.numel() / (x.size(0) * x.size(1));
-  if (S == 1) return x.is_contiguous();
-  if (x.dim() == 4) return x.is_contiguous(at::MemoryFormat::ChannelsLast) && !x.is_contiguous();
-  if (x.dim() == 5) return x.is_contiguous(at::MemoryFormat::ChannelsLast3d) && !x.is_contiguous();
-  return false;
-}
-
-at::Tensor in_layout(const at::Tensor& x) { return (rows_layout(x) || x.is_contiguous()) ? x : x.contiguous(); }
-
-at::Tensor like_layout(const at::Tensor& t, const at::Tensor& like) {
-  return t.strides() == like.strides() ? t : at::empty_like(like).copy_(t);
-}
-
-Geo geometry(const at::Tensor& x, int64_t G) {
-  Geo g;
-  g.N = x.size(0);
-  g.C = x.size(1);
-  g.S = x.numel() / (g.N * g.C);
-  g.G = G;
-  g.Ng = g.N / G;
-  g.Mg = g.Ng * g.S;
-  g.rows = rows_layout(x);
-  return g;
-}
+using anp::geometry;
+using anp::in_layout;
+using anp::like_layout;
 
 // c10 only (not ATen/cuda, which pulls in the cuBLAS/cuSPARSE headers a bare toolkit may lack)
 int sm_count() {
