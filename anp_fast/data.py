@@ -7,7 +7,7 @@ from typing import Iterator, Optional, Tuple
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, RandomSampler
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from .errors import DataError
 
@@ -28,14 +28,23 @@ def check_labels(y: Tensor, num_classes: int) -> None:
 
 
 class BatchSource:
-    """Yields ``iters`` batches (x, y). ``on_host``: batches arrive on the CPU (cheap to check);
-    ``labels``: every label of the clean set when known up front."""
+    """Yields batches (x, y) for iterations ``start .. iters - 1``. ``on_host``: batches arrive on the CPU (cheap
+    to check); ``labels``: every label of the clean set when known up front. ``state()`` / ``restore(state,
+    start)`` let a run resume where it stopped, drawing the same batches as an uninterrupted run."""
 
     on_host = True
     labels: Optional[Tensor] = None
+    exact_resume = True  # restore() reproduces the batches an uninterrupted run would have drawn
+    start = 0
 
     def __iter__(self) -> Iterator[Tuple[Tensor, Tensor]]:
         raise NotImplementedError
+
+    def state(self):
+        return None
+
+    def restore(self, state, start: int) -> None:
+        self.start = start
 
 
 class TensorPairSource(BatchSource):
@@ -50,27 +59,71 @@ class TensorPairSource(BatchSource):
         self.batch_size, self.iters = batch_size, iters
         self.generator = torch.Generator().manual_seed(seed)
 
+    def state(self):
+        return self.generator.get_state()
+
+    def restore(self, state, start: int) -> None:
+        self.generator.set_state(state)
+        self.start = start
+
     def __iter__(self):
         n = self.x.shape[0]
-        for _ in range(self.iters):
+        for _ in range(self.start, self.iters):
             idx = torch.randint(n, (self.batch_size,), generator=self.generator)
             if not self.on_host:
                 idx = idx.to(self.x.device)
             yield self.x[idx], self.y[idx]
 
 
+class _SeededBatches(Sampler):
+    """Index batches drawn with replacement, batch i from a generator seeded by (seed, i): any iteration's batch
+    is known without drawing the ones before it, so a resumed run (and DataLoader workers) see the same data."""
+
+    def __init__(self, n: int, batch_size: int, seed: int, start: int, iters: int):
+        self.n, self.batch_size, self.seed, self.start, self.iters = n, batch_size, seed, start, iters
+
+    def __len__(self):
+        return self.iters - self.start
+
+    def __iter__(self):
+        g = torch.Generator()
+        for i in range(self.start, self.iters):
+            g.manual_seed(self.seed * 1_000_003 + i)
+            yield torch.randint(self.n, (self.batch_size,), generator=g).tolist()
+
+
+class DatasetSource(BatchSource):
+    """Batches drawn with replacement from a Dataset (seeded per iteration), loaded by a DataLoader."""
+
+    def __init__(self, dataset: Dataset, batch_size: int, iters: int, seed: int, num_workers: int = 0):
+        self.dataset, self.batch_size, self.iters, self.seed = dataset, batch_size, iters, seed
+        self.num_workers = num_workers
+
+    def __iter__(self):
+        sampler = _SeededBatches(len(self.dataset), self.batch_size, self.seed, self.start, self.iters)
+        loader = DataLoader(self.dataset, batch_sampler=sampler, num_workers=self.num_workers)
+        for batch in loader:
+            yield _as_pair(batch)
+
+
 class LoaderSource(BatchSource):
-    """Cycles over a user's DataLoader (its own sampling and batch size) for ``iters`` batches."""
+    """Cycles over a user's DataLoader (its own sampling and batch size) for ``iters`` batches. A resumed run
+    skips the batches already used; it sees the same data only if the loader's own order is seeded."""
+
+    exact_resume = False
 
     def __init__(self, loader: DataLoader, iters: int):
         self.loader, self.iters = loader, iters
 
     def __iter__(self):
-        produced = 0
+        produced, skip = self.start, self.start
         while produced < self.iters:
             empty = True
             for batch in self.loader:
                 empty = False
+                if skip:
+                    skip -= 1
+                    continue
                 yield _as_pair(batch)
                 produced += 1
                 if produced == self.iters:
@@ -111,9 +164,7 @@ def batch_source(clean_data, batch_size: int, iters: int, seed: int) -> BatchSou
             raise DataError("a clean Dataset must have a length (or pass a DataLoader)") from exc
         if n == 0:
             raise DataError("the clean set is empty")
-        sampler = RandomSampler(clean_data, replacement=True, num_samples=batch_size * iters,
-                                generator=torch.Generator().manual_seed(seed))
-        return LoaderSource(DataLoader(clean_data, batch_size=batch_size, sampler=sampler), iters)
+        return DatasetSource(clean_data, batch_size, iters, seed)
     raise DataError("clean_data must be a Dataset, a DataLoader or an (images, labels) tensor pair; got "
                     f"{type(clean_data).__name__}")
 

@@ -1,8 +1,9 @@
 """The ANP loop: ANPEngine (one iteration at a time) and optimize_masks (the whole run)."""
 from __future__ import annotations
 
+import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Callable, Dict, List, Optional
 
 import torch
@@ -13,6 +14,7 @@ from torch import Tensor
 from .config import ANPConfig
 from .data import BatchSource, batch_source, check_labels
 from .errors import ConfigError, DivergenceError, ModelError
+from .fileio import atomic_torch_save
 from .progress import progress_bar
 from .surgery import PerturbedModel, perturb_model
 
@@ -212,6 +214,25 @@ class ANPEngine:
         """``{qualified name of the layer in the ORIGINAL model: 1-D mask}`` (copies)."""
         return self.state.masks()
 
+    def state_dict(self) -> Dict:
+        """Everything the loop carries from one iteration to the next (plain tensors and numbers only)."""
+        return {"iteration": self.iteration, "mask": self.state.mask.detach().cpu().clone(),
+                "momentum": self.momentum_buffer.detach().cpu().clone(),
+                "noise_rng": self.generator.get_state(), "layers": [s.name for s in self.state.slots],
+                "num_classes": self.num_classes}
+
+    def load_state_dict(self, state: Dict) -> None:
+        layers = [s.name for s in self.state.slots]
+        if list(state["layers"]) != layers:
+            raise ConfigError("the saved state is for other layers than this model's perturbable ones "
+                              f"({len(state['layers'])} saved, {len(layers)} here)")
+        with torch.no_grad():
+            self.state.mask.copy_(state["mask"])
+            self.momentum_buffer.copy_(state["momentum"])
+        self.generator.set_state(state["noise_rng"])
+        self.iteration = int(state["iteration"])
+        self.num_classes = state.get("num_classes")
+
 
 @dataclass
 class ANPResult:
@@ -233,20 +254,64 @@ class Interrupted(KeyboardInterrupt):
         self.result = result
 
 
+RESUME_FORMAT = "anp_fast.resume/1"
+
+
+def _resume_state(path: str) -> Dict:
+    """A saved run state, loaded without unpickling anything but tensors and plain containers."""
+    if not os.path.isfile(path):
+        raise ConfigError(f"no saved ANP state at {path}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise ConfigError(f"cannot read the saved ANP state {path}: {type(exc).__name__}: {exc}") from exc
+    if not isinstance(state, dict) or state.get("format") != RESUME_FORMAT:
+        raise ConfigError(f"{path} is not an anp_fast run state")
+    return state
+
+
+def _check_same_run(saved: Dict, config: ANPConfig, path: str) -> None:
+    now = asdict(config)
+    differ = [k for k, v in saved["config"].items() if k != "iters" and now.get(k) != v]
+    if differ:
+        raise ConfigError(f"cannot resume from {path}: the run was started with other settings ("
+                          + ", ".join(f"{k}: saved {saved['config'][k]!r}, now {now.get(k)!r}" for k in differ)
+                          + ")")
+    if saved["iteration"] > config.iters:
+        raise ConfigError(f"cannot resume from {path}: it is at iteration {saved['iteration']}, past iters="
+                          f"{config.iters}")
+
+
 def optimize_masks(model: nn.Module, clean_data, config: Optional[ANPConfig] = None, progress: bool = True,
-                   noise_init: Optional[NoiseInit] = None, check_every: int = 50) -> ANPResult:
+                   noise_init: Optional[NoiseInit] = None, check_every: int = 50, save_every: int = 0,
+                   state_path: Optional[str] = None, resume: bool = False) -> ANPResult:
     """Run ``config.iters`` iterations of ANP on batches drawn with replacement from ``clean_data``
     (a Dataset, a DataLoader, or an (x, y) tensor pair) and return the masks, the loss history and timings.
 
     The loss stays on the device and is checked every ``check_every`` iterations: a non-finite loss raises
     DivergenceError naming the first bad iteration. Ctrl-C raises :class:`Interrupted` carrying the result
     so far.
+
+    ``state_path``: where the run's state (masks, momentum, noise and data RNG states, iteration, loss history,
+    config) is written atomically every ``save_every`` iterations and on Ctrl-C; with ``resume=True`` the run
+    continues from the state there (if present), and ends with the masks an uninterrupted run would give
+    (bit-identical on the CPU in fp32 with the same seed; clean data given as tensors or a Dataset).
     """
     config = config if config is not None else ANPConfig()
+    if save_every < 0 or (save_every and not state_path):
+        raise ConfigError("save_every needs a state_path (and must be >= 0)")
     engine = ANPEngine(model, config, noise_init=noise_init)
     source: BatchSource = batch_source(clean_data, config.batch_size, config.iters, config.seed)
     history = torch.zeros(config.iters, device=engine.device)
-    checked = 0
+    start_it = 0
+    if resume and state_path is not None and os.path.exists(state_path):
+        saved = _resume_state(state_path)
+        _check_same_run(saved, config, state_path)
+        engine.load_state_dict(saved["engine"])
+        start_it = int(saved["iteration"])
+        source.restore(saved["source"], start_it)
+        history[:start_it] = saved["history"].to(history.device)
+    checked = start_it
 
     def check(upto: int):
         nonlocal checked
@@ -257,29 +322,53 @@ def optimize_masks(model: nn.Module, clean_data, config: Optional[ANPConfig] = N
             raise DivergenceError(first + 1, float(history[first]))
         checked = upto
 
+    def save(done: int, source_state) -> None:
+        atomic_torch_save({"format": RESUME_FORMAT, "iteration": done, "engine": engine.state_dict(),
+                           "source": source_state, "history": history[:done].cpu(), "config": asdict(config)},
+                          state_path)
+
     def result(done: int, seconds: float) -> ANPResult:
         losses = history[:done].cpu().tolist()
         return ANPResult(engine.masks(), losses,
-                         {"total_s": seconds, "per_iter_s": seconds / max(done, 1), "iters": done},
+                         {"total_s": seconds, "per_iter_s": seconds / max(done - start_it, 1), "iters": done,
+                          "resumed_at": start_it},
                          config, engine.state.size, [s.name for s in engine.state.slots])
 
-    bar = progress_bar(total=config.iters, desc="ANP masks", unit="it", disable=not progress)
+    bar = progress_bar(total=config.iters, initial=start_it, desc="ANP masks", unit="it", disable=not progress)
     start = time.perf_counter()
-    done = 0
+    done = start_it
+    source_state = source.state()  # the data RNG state before the batch of iteration `done`
+    snapshot = None  # the state before the current step, to save a consistent one if Ctrl-C lands inside it
     try:
-        for it, (x, y) in enumerate(source):
+        for it, (x, y) in enumerate(source, start=start_it):
             if engine.num_classes is not None and source.on_host and source.labels is None:
                 check_labels(y, engine.num_classes)
+            if state_path is not None:
+                snapshot = (engine.state.mask.clone(), engine.momentum_buffer.clone(), engine.generator.get_state(),
+                            engine.iteration)
             history[it] = engine.step(x, y)
+            snapshot = None
             done = it + 1
+            source_state = source.state()
             if done == 1 and source.labels is not None:
                 check_labels(source.labels, engine.num_classes)
             if done % check_every == 0 or done == config.iters:
                 check(done)
                 bar.set_postfix(loss=f"{float(history[done - 1]):.4f}", refresh=False)
+            if save_every and done % save_every == 0 and done < config.iters:
+                check(done)  # never save a diverged state
+                save(done, source_state)
             bar.update(1)
     except KeyboardInterrupt:
         bar.close()
+        if snapshot is not None:  # interrupted inside a step: back to the state before it
+            with torch.no_grad():
+                engine.state.mask.copy_(snapshot[0])
+                engine.momentum_buffer.copy_(snapshot[1])
+            engine.generator.set_state(snapshot[2])
+            engine.iteration = snapshot[3]
+        if state_path is not None and done > start_it:
+            save(done, source_state)
         raise Interrupted(result(done, time.perf_counter() - start)) from None
     finally:
         bar.close()

@@ -25,7 +25,11 @@ def atomic_write_text(path: str, text: str) -> None:
     atomic_write(path, lambda f: f.write(text))
 
 
-def atomic_torch_save(obj, path: str) -> None:
+def _torch_save(obj, f) -> None:
     import torch
 
-    atomic_write(path, lambda f: torch.save(obj, f), binary=True)
+    torch.save(obj, f)
+
+
+def atomic_torch_save(obj, path: str) -> None:
+    atomic_write(path, lambda f: _torch_save(obj, f), binary=True)
