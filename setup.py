@@ -61,6 +61,8 @@ setup(
         "scikit-learn",
         "matplotlib",
         "tqdm",
+        "safetensors",
+        "pillow",
     ],
     extras_require={"test": ["pytest", "ninja"]},
     entry_points={"console_scripts": ["anp-fast=anp_fast.cli:main"]},

@@ -81,3 +81,44 @@ def triggered_test_set(x: Tensor, y: Tensor, trigger: Trigger, target: int) -> T
     """The ASR set: test images whose true label is not the target, with the trigger applied."""
     keep = y != target
     return trigger.apply(x[keep]), y[keep]
+
+
+@dataclass
+class ImageTrigger(Trigger):
+    """A user's trigger picture: stamped in the bottom-right corner (``margin`` pixels in) when smaller than the
+    images, blended with weight ``alpha`` when it has their size. ``pattern``: (C, h, w) in [0, 1]."""
+
+    pattern: Tensor = None
+    alpha: float = 0.2
+    margin: int = 1
+    name: str = "image"
+
+    @classmethod
+    def from_file(cls, path: str, image_shape) -> "ImageTrigger":
+        from PIL import Image, UnidentifiedImageError
+
+        channels, h, w = image_shape
+        try:
+            with Image.open(path) as img:
+                img = img.convert("L" if channels == 1 else "RGB")
+                if img.width > w or img.height > h:
+                    raise ConfigError(f"trigger image {path} is {img.width}x{img.height}, larger than the "
+                                      f"{w}x{h} images")
+                data = torch.tensor(list(img.getdata()), dtype=torch.float32) / 255
+        except (OSError, UnidentifiedImageError) as exc:
+            raise ConfigError(f"cannot read the trigger image {path}: {exc}") from exc
+        pattern = data.view(img.height, img.width, -1).permute(2, 0, 1).contiguous()
+        return cls(pattern=pattern)
+
+    def apply(self, x: Tensor) -> Tensor:
+        p = self.pattern.to(x)
+        h, w = x.shape[-2:]
+        ph, pw = p.shape[-2:]
+        if (ph, pw) == (h, w):
+            return (1 - self.alpha) * x + self.alpha * p
+        if ph + self.margin > h or pw + self.margin > w:
+            raise ConfigError(f"a {pw}x{ph} trigger does not fit {w}x{h} images")
+        out = x.clone()
+        r0, c0 = h - self.margin - ph, w - self.margin - pw
+        out[..., r0:r0 + ph, c0:c0 + pw] = p
+        return out

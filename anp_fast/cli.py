@@ -14,6 +14,10 @@ from .errors import ANPError
 def _add_config_flags(p: argparse.ArgumentParser, skip=("iters", "seed")) -> None:
     d = ANPConfig()
     g = p.add_argument_group("ANP options (defaults are the published ones)")
+    if "iters" not in skip:
+        g.add_argument("--iters", type=int, default=d.iters, help="ANP iterations (default: %(default)s)")
+    if "seed" not in skip:
+        g.add_argument("--seed", type=int, default=d.seed, help="seed of the noise and data draws")
     g.add_argument("--eps", type=float, default=d.eps, help="neuron perturbation bound")
     g.add_argument("--steps", type=int, default=d.steps, help="adversarial steps per iteration")
     g.add_argument("--alpha", type=float, default=d.alpha, help="weight of the clean loss")
@@ -65,6 +69,63 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--overwrite", action="store_true", help="replace results already in --out")
     demo.add_argument("--no-progress", action="store_true", help="no progress bars")
     _add_config_flags(demo)
+    purify = sub.add_parser("purify", help="run ANP on an untrusted checkpoint, prune, write the purified model",
+                            description="Load a checkpoint (safely: tensors only), run ANP on a little clean data, "
+                                        "prune, and write the purified checkpoint (.safetensors and .pt), the "
+                                        "masks, a JSON report, the pruning sweep (CSV) and plots into --out.")
+    _add_model_data_flags(purify, checkpoint=True)
+    purify.add_argument("--clean-fraction", type=float, default=None,
+                        help="fraction of the training split used as clean data (default 0.01)")
+    purify.add_argument("--clean-count", type=int, default=None, help="number of clean images instead")
+    purify.add_argument("--holdout-fraction", type=float, default=0.2,
+                        help="part of the clean data held out to choose the pruning amount (default: %(default)s)")
+    purify.add_argument("--prune", default="auto",
+                        help="threshold:T | number:K | fraction:F | auto (default: %(default)s: prune as much as "
+                             "the held-out clean accuracy allows, see --budget)")
+    purify.add_argument("--budget", type=float, default=2.0,
+                        help="auto pruning: largest drop of held-out clean accuracy, in points (default: 2)")
+    purify.add_argument("--trigger", default=None,
+                        help="badnets | blend | an image file: also report the attack success rate (never used "
+                             "to choose)")
+    purify.add_argument("--target", type=int, default=None, help="the backdoor's target class (with --trigger)")
+    purify.add_argument("--save-every", type=int, default=0, help="save the run state every N iterations")
+    purify.add_argument("--resume", metavar="DIR", default=None,
+                        help="continue the run whose state is in DIR (its other arguments are read from there)")
+    purify.add_argument("--sample-with-replacement", action="store_true",
+                        help="allow a clean set smaller than one batch (batches are drawn with replacement)")
+    purify.add_argument("--workers", type=int, default=0, help="data loading worker processes")
+    _add_config_flags(purify, skip=())
+    prune_p = sub.add_parser("prune", help="prune a checkpoint with a mask file; write it and the pruning sweep",
+                             description="Masks (published format) + checkpoint -> pruned checkpoint, sweep CSV, "
+                                         "plot and report.")
+    _add_model_data_flags(prune_p, checkpoint=True)
+    prune_p.add_argument("--masks", required=True, help="mask file (published ' \\t ' format)")
+    prune_p.add_argument("--prune", default="threshold:0.2", help="threshold:T | number:K | fraction:F | auto")
+    prune_p.add_argument("--budget", type=float, default=2.0, help="auto: held-out accuracy drop allowed (points)")
+    prune_p.add_argument("--trigger", default=None, help="badnets | blend | an image file (report ASR)")
+    prune_p.add_argument("--target", type=int, default=None)
+    prune_p.add_argument("--seed", type=int, default=0, help="seed of the held-out clean split (as in purify)")
+    prune_p.add_argument("--clean-fraction", type=float, default=None, help="as given to purify (default 0.01)")
+    prune_p.add_argument("--clean-count", type=int, default=None, help="as given to purify")
+    prune_p.add_argument("--holdout-fraction", type=float, default=0.2, help="as given to purify")
+    prune_p.add_argument("--device", default=None)
+    attack = sub.add_parser("attack", help="train a backdoored model (for research and tests)",
+                            description="Train --arch on --data with a fraction of the training split poisoned "
+                                        "by a trigger; write the checkpoint (.safetensors, .pt) and attack.json.")
+    _add_model_data_flags(attack, checkpoint=False)
+    attack.add_argument("--trigger", default="badnets", help="badnets | blend | an image file")
+    attack.add_argument("--target", type=int, default=0)
+    attack.add_argument("--poison-rate", type=float, default=0.1)
+    attack.add_argument("--epochs", type=int, default=30)
+    attack.add_argument("--batch-size", type=int, default=128)
+    attack.add_argument("--lr", type=float, default=0.05)
+    attack.add_argument("--seed", type=int, default=0)
+    attack.add_argument("--device", default=None)
+    export = sub.add_parser("export-digits", help="write scikit-learn's digits as CIFAR-10 python-format files",
+                            description="Write the digits (upscaled to 3x32x32) in the published CIFAR-10 python "
+                                        "format under DIR, to try the CIFAR pipeline without a download.")
+    export.add_argument("dir")
+    export.add_argument("--seed", type=int, default=0)
     bench = sub.add_parser("bench", help="time ANP iterations: the eager published loop against the engine",
                            description="Time one ANP iteration of the eager published loop and of engine modes, "
                                        "interleaved in one process; report medians, ratios, step / 6F and peak "
@@ -73,6 +134,109 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_arguments(bench)
     return parser
+
+
+def _add_model_data_flags(p: argparse.ArgumentParser, checkpoint: bool) -> None:
+    p.add_argument("--arch", required=False, help="architecture: a registry name (resnet18, resnet34, resnet50, "
+                   "preact_resnet18, vgg16_bn, vgg19_bn, mobilenetv2, wrn16), a torchvision model name, or "
+                   "package.module:callable")
+    p.add_argument("--arch-arg", action="append", default=[], metavar="KEY=VALUE",
+                   help="keyword argument for the architecture (repeatable), e.g. width=16")
+    if checkpoint:
+        p.add_argument("--checkpoint", help="the model's weights: .safetensors, or a .pt/.pth state_dict "
+                                            "(loaded with weights_only: nothing in it is executed)")
+    p.add_argument("--data", help="digits | digits3 | cifar10:DIR | cifar100:DIR | imagefolder:DIR[:SIZE]")
+    p.add_argument("--out", help="output folder")
+    p.add_argument("--overwrite", action="store_true", help="replace our result files already in --out")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def _arch_args(pairs) -> dict:
+    out = {}
+    for pair in pairs:
+        key, eq, value = pair.partition("=")
+        if not eq or not key.isidentifier():
+            raise ANPError(f"--arch-arg {pair!r}: expected KEY=VALUE")
+        for cast in (int, float):
+            try:
+                out[key] = cast(value)
+                break
+            except ValueError:
+                continue
+        else:
+            out[key] = {"true": True, "false": False}.get(value.lower(), value)
+    return out
+
+
+def _require(args, *names) -> None:
+    missing = [n for n in names if getattr(args, n.replace("-", "_")) is None]
+    if missing:
+        raise ANPError(f"{args.command} needs " + ", ".join(f"--{n}" for n in missing))
+
+
+def _purify(args) -> int:
+    import json
+    import os
+
+    from .pipeline import COMMAND_FILE, run_purify
+
+    if args.resume is not None:
+        saved = os.path.join(args.resume, COMMAND_FILE)
+        if not os.path.isfile(saved):
+            raise ANPError(f"--resume {args.resume}: no anp-fast purify run there ({COMMAND_FILE} is missing)")
+        with open(saved) as f:
+            recorded = json.load(f)
+        resume_dir = args.resume
+        args = build_parser().parse_args(recorded["argv"])
+        args.out, args.resume = resume_dir, resume_dir
+        argv = recorded["argv"]
+    else:
+        _require(args, "arch", "checkpoint", "data", "out")
+        argv = sys.argv[1:] if _CURRENT_ARGV is None else _CURRENT_ARGV
+    if args.clean_fraction is not None and args.clean_count is not None:
+        raise ANPError("give --clean-fraction or --clean-count, not both")
+    if args.clean_fraction is not None and not 0 < args.clean_fraction <= 1:
+        raise ANPError(f"--clean-fraction {args.clean_fraction}: must be in (0, 1]")
+    config = _config_from(args).replace(iters=args.iters, seed=args.seed)
+    run_purify(arch=args.arch, checkpoint=args.checkpoint, data=args.data, out=args.out, config=config,
+               arch_args=_arch_args(args.arch_arg), clean_fraction=args.clean_fraction,
+               clean_count=args.clean_count, holdout_fraction=args.holdout_fraction, prune_rule=args.prune,
+               budget=args.budget, trigger=args.trigger, target=args.target, save_every=args.save_every,
+               resume=args.resume is not None, overwrite=args.overwrite,
+               allow_small_clean=args.sample_with_replacement, workers=args.workers,
+               progress=not args.no_progress, command={"argv": argv})
+    return 0
+
+
+def _prune(args) -> int:
+    from .pipeline import run_prune
+
+    _require(args, "arch", "checkpoint", "data", "out")
+    run_prune(arch=args.arch, checkpoint=args.checkpoint, masks_file=args.masks, data=args.data, out=args.out,
+              prune_rule=args.prune, arch_args=_arch_args(args.arch_arg), budget=args.budget,
+              trigger=args.trigger, target=args.target, seed=args.seed, device=args.device,
+              clean_fraction=args.clean_fraction, clean_count=args.clean_count,
+              holdout_fraction=args.holdout_fraction, overwrite=args.overwrite)
+    return 0
+
+
+def _attack(args) -> int:
+    from .pipeline import run_attack
+
+    _require(args, "arch", "data", "out")
+    run_attack(arch=args.arch, data=args.data, out=args.out, trigger=args.trigger, target=args.target,
+               poison_rate=args.poison_rate, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+               arch_args=_arch_args(args.arch_arg), seed=args.seed, device=args.device, overwrite=args.overwrite,
+               progress=not args.no_progress)
+    return 0
+
+
+def _export_digits(args) -> int:
+    from .datasets import digits_as_cifar
+
+    digits_as_cifar(args.dir, seed=args.seed)
+    print(f"wrote digits in CIFAR-10 python format under {args.dir}: use --data cifar10:{args.dir}")
+    return 0
 
 
 def _demo(args) -> int:
@@ -95,14 +259,21 @@ def _bench(args) -> int:
     return run_cli(args)
 
 
+_CURRENT_ARGV: Optional[List[str]] = None
+
+
 def main(argv: Optional[List[str]] = None) -> int:
+    global _CURRENT_ARGV
     parser = build_parser()
+    _CURRENT_ARGV = list(argv) if argv is not None else None
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()
         return 2
+    commands = {"demo": _demo, "bench": _bench, "purify": _purify, "prune": _prune, "attack": _attack,
+                "export-digits": _export_digits}
     try:
-        return {"demo": _demo, "bench": _bench}[args.command](args)
+        return commands[args.command](args)
     except ANPError as exc:
         print(f"anp-fast: error: {exc}", file=sys.stderr)
         return 2

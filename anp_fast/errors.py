@@ -31,3 +31,7 @@ class DivergenceError(ANPError, RuntimeError):
             f"the ANP loss became {value} at iteration {iteration}; the masks are no longer meaningful "
             "(try a smaller lr or eps, or check the model and data for NaN/inf)"
         )
+
+
+class CheckpointError(ANPError, ValueError):
+    """A model checkpoint is missing, unreadable, refused as unsafe, or does not fit the model."""

@@ -2,8 +2,8 @@
 are folded into its op (``residual=``, ``relu=``), so the fused kernels do them in the same pass over memory.
 
 Only blocks whose forward is exactly a known one (torchvision's BasicBlock/Bottleneck, this package's CIFAR
-BasicBlock/PreActBlock) and whose norms are all perturbable batch norms are rewritten, by swapping the block's
-class for a subclass with a fused forward; everything else runs as written. The eager op computes the fused
+BasicBlock/Bottleneck/PreActBlock) and whose norms are all perturbable batch norms are rewritten, by swapping
+the block's class for a subclass with a fused forward; everything else runs as written. The eager op computes the fused
 forward with the same operations in the same order, so results are unchanged bit for bit on the eager path.
 """
 from __future__ import annotations
@@ -38,6 +38,12 @@ def _cifar_basic(self, x):
     return self.bn2(self.conv2(out), residual=self.shortcut(x), relu=True)
 
 
+def _cifar_bottleneck(self, x):
+    out = self.bn1(self.conv1(x), relu=True)
+    out = self.bn2(self.conv2(out), relu=True)
+    return self.bn3(self.conv3(out), residual=self.shortcut(x), relu=True)
+
+
 def _cifar_preact(self, x):
     out = self.bn1(x, relu=True)
     shortcut = self.shortcut(out) if self.shortcut is not None else x
@@ -50,6 +56,7 @@ _PATTERNS: Dict[type, Tuple[Callable, Tuple[str, ...], str]] = {
     tv_resnet.BasicBlock: (_tv_basic, ("bn1", "bn2"), "relu"),
     tv_resnet.Bottleneck: (_tv_bottleneck, ("bn1", "bn2", "bn3"), "relu"),
     models.BasicBlock: (_cifar_basic, ("bn1", "bn2"), ""),
+    models.Bottleneck: (_cifar_bottleneck, ("bn1", "bn2", "bn3"), ""),
     models.PreActBlock: (_cifar_preact, ("bn1", "bn2"), ""),
 }
 _CLASSES: Dict[type, type] = {}

@@ -48,6 +48,31 @@ class PreActBlock(nn.Module):
         return out + shortcut
 
 
+class Bottleneck(nn.Module):
+    """CIFAR bottleneck (1x1 reduce, 3x3 with the stride, 1x1 expand by 4) with a post-activation residual."""
+    expansion = 4
+
+    def __init__(self, in_planes: int, planes: int, stride: int = 1):
+        super().__init__()
+        out_planes = planes * self.expansion
+        self.conv1 = nn.Conv2d(in_planes, planes, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, stride, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.conv3 = nn.Conv2d(planes, out_planes, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(out_planes)
+        self.shortcut = nn.Sequential()
+        if stride != 1 or in_planes != out_planes:
+            self.shortcut = nn.Sequential(nn.Conv2d(in_planes, out_planes, 1, stride, bias=False),
+                                          nn.BatchNorm2d(out_planes))
+
+    def forward(self, x):
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = F.relu(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        return F.relu(out + self.shortcut(x))
+
+
 class ResNet(nn.Module):
     """CIFAR ResNet (3x3 stem, no max-pool); ``width`` is the first stage's channel count (64 published)."""
 
@@ -87,6 +112,15 @@ def resnet18(num_classes: int = 10, in_channels: int = 3, width: int = 64) -> Re
     return ResNet(BasicBlock, [2, 2, 2, 2], num_classes, in_channels, width)
 
 
+def resnet34(num_classes: int = 10, in_channels: int = 3, width: int = 64) -> ResNet:
+    return ResNet(BasicBlock, [3, 4, 6, 3], num_classes, in_channels, width)
+
+
+def resnet50(num_classes: int = 10, in_channels: int = 3, width: int = 64) -> ResNet:
+    """CIFAR ResNet-50: :class:`Bottleneck` blocks, so the classifier sees ``width * 8 * 4`` features."""
+    return ResNet(Bottleneck, [3, 4, 6, 3], num_classes, in_channels, width)
+
+
 def preact_resnet18(num_classes: int = 10, in_channels: int = 3, width: int = 64) -> ResNet:
     return ResNet(PreActBlock, [2, 2, 2, 2], num_classes, in_channels, width)
 
@@ -123,3 +157,119 @@ def vgg16_bn(num_classes: int = 10, in_channels: int = 3, width: float = 1.0) ->
 
 def vgg19_bn(num_classes: int = 10, in_channels: int = 3, width: float = 1.0) -> VGG:
     return VGG("vgg19", num_classes, in_channels, width)
+
+
+def _divisible(v: float, divisor: int = 8) -> int:
+    """``v`` rounded to the nearest multiple of ``divisor`` (at least ``divisor``), never more than 10% below."""
+    out = max(divisor, int(v + divisor / 2) // divisor * divisor)
+    return out + divisor if out < 0.9 * v else out
+
+
+class InvertedResidual(nn.Module):
+    """MobileNetV2 block: 1x1 expansion (skipped when ``expand == 1``), 3x3 depthwise with the stride, linear 1x1
+    projection; BN after every conv, ReLU6 after the first two; identity residual when the shape is kept."""
+
+    def __init__(self, in_planes: int, out_planes: int, stride: int, expand: int):
+        super().__init__()
+        hidden = in_planes * expand
+        self.use_residual = stride == 1 and in_planes == out_planes
+        layers = []
+        if expand != 1:
+            layers += [nn.Conv2d(in_planes, hidden, 1, bias=False), nn.BatchNorm2d(hidden), nn.ReLU6(inplace=True)]
+        layers += [nn.Conv2d(hidden, hidden, 3, stride, 1, groups=hidden, bias=False), nn.BatchNorm2d(hidden),
+                   nn.ReLU6(inplace=True),
+                   nn.Conv2d(hidden, out_planes, 1, bias=False), nn.BatchNorm2d(out_planes)]
+        self.conv = nn.Sequential(*layers)
+
+    def forward(self, x):
+        out = self.conv(x)
+        return x + out if self.use_residual else out
+
+
+# (expansion t, channels c, blocks n, first stride s); the ImageNet table with the first two stride-2 stages
+# (24 and 32 channels) at stride 1 for 32x32 inputs, as in common CIFAR ports.
+_MOBILENETV2 = [(1, 16, 1, 1), (6, 24, 2, 1), (6, 32, 3, 1), (6, 64, 4, 2), (6, 96, 3, 1), (6, 160, 3, 2),
+                (6, 320, 1, 1)]
+
+
+class MobileNetV2(nn.Module):
+    """CIFAR MobileNetV2 (stride-1 3x3 stem, see ``_MOBILENETV2``); ``width`` multiplies every channel count
+    (rounded to multiples of 8) except the last conv's 1280, which only grows with ``width > 1``."""
+
+    def __init__(self, num_classes: int = 10, in_channels: int = 3, width: float = 1.0):
+        super().__init__()
+        c = _divisible(32 * width)
+        layers = [nn.Conv2d(in_channels, c, 3, 1, 1, bias=False), nn.BatchNorm2d(c), nn.ReLU6(inplace=True)]
+        for t, channels, n, s in _MOBILENETV2:
+            out = _divisible(channels * width)
+            for i in range(n):
+                layers.append(InvertedResidual(c, out, s if i == 0 else 1, t))
+                c = out
+        last = _divisible(1280 * max(1.0, width))
+        layers += [nn.Conv2d(c, last, 1, bias=False), nn.BatchNorm2d(last), nn.ReLU6(inplace=True)]
+        self.features = nn.Sequential(*layers)
+        self.linear = nn.Linear(last, num_classes)
+
+    def forward(self, x):
+        return self.linear(F.adaptive_avg_pool2d(self.features(x), 1).flatten(1))
+
+
+def mobilenetv2(num_classes: int = 10, in_channels: int = 3, width: float = 1.0) -> MobileNetV2:
+    return MobileNetV2(num_classes, in_channels, width)
+
+
+class WideBasic(nn.Module):
+    """Pre-activation wide basic block (BN-ReLU-conv3x3 twice, dropout between); when the shape changes the
+    1x1 shortcut conv reads the activated input, as in the WRN reference code."""
+
+    def __init__(self, in_planes: int, planes: int, stride: int = 1, dropout: float = 0.0):
+        super().__init__()
+        self.bn1 = nn.BatchNorm2d(in_planes)
+        self.conv1 = nn.Conv2d(in_planes, planes, 3, stride, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
+        self.dropout = dropout
+        self.shortcut = None
+        if stride != 1 or in_planes != planes:
+            self.shortcut = nn.Conv2d(in_planes, planes, 1, stride, bias=False)
+
+    def forward(self, x):
+        out = F.relu(self.bn1(x))
+        shortcut = self.shortcut(out) if self.shortcut is not None else x
+        out = F.relu(self.bn2(self.conv1(out)))
+        if self.dropout > 0:
+            out = F.dropout(out, self.dropout, self.training)
+        return self.conv2(out) + shortcut
+
+
+class WideResNet(nn.Module):
+    """CIFAR WideResNet-``depth``-``widen``: three groups of (depth - 4) / 6 :class:`WideBasic` blocks with
+    16k, 32k, 64k channels (strides 1, 2, 2) after a 16-channel 3x3 stem; final BN-ReLU, average pool, linear."""
+
+    def __init__(self, depth: int = 16, widen: int = 1, num_classes: int = 10, in_channels: int = 3,
+                 dropout: float = 0.0):
+        super().__init__()
+        if depth < 10 or (depth - 4) % 6:
+            raise ValueError(f"WideResNet depth must be 6n + 4 with n >= 1, got {depth}")
+        n = (depth - 4) // 6
+        self.conv1 = nn.Conv2d(in_channels, 16, 3, 1, 1, bias=False)
+        c, groups = 16, []
+        for planes, stride in ((16 * widen, 1), (32 * widen, 2), (64 * widen, 2)):
+            blocks = []
+            for i in range(n):
+                blocks.append(WideBasic(c, planes, stride if i == 0 else 1, dropout))
+                c = planes
+            groups.append(nn.Sequential(*blocks))
+        self.block1, self.block2, self.block3 = groups
+        self.bn_final = nn.BatchNorm2d(c)
+        self.linear = nn.Linear(c, num_classes)
+
+    def forward(self, x):
+        out = self.block3(self.block2(self.block1(self.conv1(x))))
+        out = F.relu(self.bn_final(out))
+        return self.linear(F.adaptive_avg_pool2d(out, 1).flatten(1))
+
+
+def wrn16(num_classes: int = 10, in_channels: int = 3, widen: int = 1, dropout: float = 0.0) -> WideResNet:
+    """WideResNet-16-``widen`` (WRN-16-1 by default)."""
+    return WideResNet(16, widen, num_classes, in_channels, dropout)

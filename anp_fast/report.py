@@ -69,3 +69,90 @@ def plot_masks_and_sweep(path: str, masks: Mapping[str, torch.Tensor], sweep_row
         atomic_write(path, lambda f: fig.savefig(f, dpi=110, format="png"), binary=True)
     finally:
         plt.close(fig)
+
+
+def _layer_group(name: str) -> str:
+    """The stage a layer belongs to: its name up to the first index (layer1.0.bn1 -> layer1, features.3 ->
+    features), so ResNet stages, VGG blocks and transformer blocks each get one panel."""
+    parts = name.split(".")
+    head = [parts[0]]
+    for p in parts[1:]:
+        if p.isdigit():
+            break
+        head.append(p)
+    group = ".".join(head[:2])
+    return group if group != name else parts[0]
+
+
+def plot_mask_histograms(path: str, masks: Mapping[str, torch.Tensor], threshold: Optional[float] = None,
+                         title: str = "ANP masks") -> None:
+    """One histogram of mask values per layer group (model stage), log counts, the pruning threshold marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups: dict = {}
+    for name, m in masks.items():
+        groups.setdefault(_layer_group(name), []).append(m.detach().float().flatten().cpu())
+    names = list(groups)
+    cols = min(4, len(names))
+    rows = (len(names) + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(3.4 * cols, 2.6 * rows), squeeze=False)
+    for ax in axes.flat[len(names):]:
+        ax.axis("off")
+    for ax, name in zip(axes.flat, names):
+        values = torch.cat(groups[name]).numpy()
+        ax.hist(values, bins=20, range=(0, 1), color="#4477aa")
+        ax.set_yscale("log")
+        low = int((values <= threshold).sum()) if threshold is not None else None
+        ax.set_title(f"{name} ({len(values)}" + (f", {low} <= {threshold:g})" if low is not None else ")"),
+                     fontsize=9)
+        if threshold is not None:
+            ax.axvline(threshold, color="k", ls="--", lw=1)
+        ax.set_xlabel("mask value", fontsize=8)
+        ax.tick_params(labelsize=7)
+    fig.suptitle(title)
+    fig.tight_layout()
+    try:
+        atomic_write(path, lambda f: fig.savefig(f, dpi=110, format="png"), binary=True)
+    finally:
+        plt.close(fig)
+
+
+def plot_pruning_sweep(path: str, rows: Sequence[Mapping], chosen_threshold: Optional[float] = None,
+                       title: str = "pruning sweep") -> None:
+    """ACC (test and held-out clean) and ASR (when measured) against the number of pruned neurons, the
+    chosen amount marked; the thresholds label the top axis."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    xs = [r["pruned"] for r in rows]
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    ax.plot(xs, [100 * r["acc"] for r in rows], "o-", color="#228833", label="ACC (test)")
+    if "holdout_acc" in rows[0]:
+        ax.plot(xs, [100 * r["holdout_acc"] for r in rows], "^--", color="#66ccee", label="ACC (held-out clean)")
+    if "asr" in rows[0]:
+        ax.plot(xs, [100 * r["asr"] for r in rows], "s-", color="#cc3311", label="ASR (triggered test)")
+    if chosen_threshold is not None:
+        pick = [r["pruned"] for r in rows if r.get("threshold") == chosen_threshold]
+        if pick:
+            ax.axvline(pick[0], color="k", ls="--", lw=1, label=f"chosen: threshold {chosen_threshold:g}")
+    ax.set_xlabel("pruned neurons")
+    ax.set_ylabel("%")
+    ax.set_ylim(-2, 102)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="best", fontsize=8)
+    if "threshold" in rows[0]:
+        top = ax.secondary_xaxis("top")
+        ticks = rows[:: max(1, len(rows) // 6)]
+        top.set_xticks([r["pruned"] for r in ticks], [f"{r['threshold']:g}" for r in ticks], fontsize=7)
+        top.set_xlabel("mask threshold", fontsize=8)
+    ax.set_title(title)
+    fig.tight_layout()
+    try:
+        atomic_write(path, lambda f: fig.savefig(f, dpi=110, format="png"), binary=True)
+    finally:
+        plt.close(fig)

@@ -1,0 +1,447 @@
+"""The purification pipeline behind ``anp-fast purify / prune / attack``: from a checkpoint file and a data
+spec to a purified checkpoint and a report, safely (no arbitrary unpickling), resumably and with one clear
+error line for every bad input.
+
+Data flow: datasets yield pixels in [0, 1]; triggers act on pixels; the model sees them normalised with the
+dataset's mean/std (the attack trains the same way, so checkpoints it writes fit). The clean data ANP uses and
+the held-out clean split that chooses the pruning amount are disjoint parts of the TRAINING split; ACC and ASR
+are measured on the test split, and triggered data is only ever reported, never used to choose.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import time
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Sequence
+
+import torch
+import torch.nn as nn
+from torch.utils.data import DataLoader, Dataset, Subset
+
+from .config import ANPConfig
+from .engine import Interrupted, optimize_masks
+from .errors import ANPError, ConfigError, DataError
+from .fileio import atomic_write_text
+from .maskfile import load_masks, save_masks
+from .pruning import pruned_count, prune, sweep
+from .report import write_csv, write_json
+
+STATE_FILE = "anp_state.pt"
+COMMAND_FILE = "command.json"
+PURIFY_OUTPUTS = ("purified.safetensors", "purified.pt", "masks.txt", "report.json", "sweep.csv",
+                  "mask_histograms.png", "pruning_sweep.png")
+ATTACK_OUTPUTS = ("backdoored.safetensors", "backdoored.pt", "attack.json")
+
+
+# ------------------------------------------------------------------------------------------------ data
+class Normalized(Dataset):
+    """``base`` items (pixels in [0, 1], label), optionally triggered, normalised with (mean, std)."""
+
+    def __init__(self, base: Dataset, mean: Sequence[float], std: Sequence[float], trigger=None):
+        self.base, self.trigger = base, trigger
+        self.mean = torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1)
+        self.std = torch.tensor(std, dtype=torch.float32).view(-1, 1, 1)
+
+    def __len__(self):
+        return len(self.base)
+
+    def __getitem__(self, i):
+        x, y = self.base[i]
+        x = torch.as_tensor(x, dtype=torch.float32)
+        if self.trigger is not None:
+            x = self.trigger.apply(x.unsqueeze(0))[0]
+        return (x - self.mean) / self.std, int(y)
+
+
+def labels_of(ds: Dataset) -> torch.Tensor:
+    """Every label of a dataset (fast paths for the tensor-backed ones)."""
+    targets = getattr(ds, "targets", None)
+    if targets is not None:
+        return torch.as_tensor(targets).long()
+    if isinstance(ds, Subset):
+        return labels_of(ds.dataset)[torch.as_tensor(ds.indices)]
+    tensors = getattr(ds, "tensors", None)
+    if tensors is not None:
+        return tensors[1].long()
+    return torch.tensor([int(ds[i][1]) for i in range(len(ds))])
+
+
+def tensors_of(ds: Dataset, batch_size: int = 512):
+    """(x, y) of a whole dataset stacked in memory."""
+    xs, ys = [], []
+    for x, y in DataLoader(ds, batch_size=batch_size):
+        xs.append(x)
+        ys.append(y)
+    return torch.cat(xs), torch.cat(ys).long()
+
+
+@torch.no_grad()
+def predictions(model: nn.Module, ds: Dataset, device, batch_size: int = 256, workers: int = 0) -> torch.Tensor:
+    was_training = model.training
+    model.eval()
+    out = []
+    for x, _ in DataLoader(ds, batch_size=batch_size, num_workers=workers):
+        out.append(model(x.to(device)).argmax(1).cpu())
+    model.train(was_training)
+    return torch.cat(out) if out else torch.zeros(0, dtype=torch.long)
+
+
+# ------------------------------------------------------------------------------------------------ options
+def parse_prune_rule(text: str) -> Dict:
+    """'threshold:T' | 'number:K' | 'fraction:F' | 'auto' -> a dict for pruning.select_pruned (or auto)."""
+    if text == "auto":
+        return {"auto": True}
+    kind, _, value = text.partition(":")
+    try:
+        if kind == "threshold":
+            v = float(value)
+            if not math.isfinite(v):
+                raise ValueError
+            return {"threshold": v}
+        if kind == "number":
+            v = int(value)
+            if v < 0:
+                raise ValueError
+            return {"number": v}
+        if kind == "fraction":
+            v = float(value)
+            if not 0 <= v <= 1:
+                raise ValueError
+            return {"fraction": v}
+    except ValueError:
+        pass
+    raise ConfigError(f"--prune {text!r}: use threshold:T (e.g. threshold:0.2), number:K, fraction:F (0-1) or auto")
+
+
+def check_out(out: str, outputs: Sequence[str], overwrite: bool, resume: bool = False) -> None:
+    """Refuse an ``out`` that already holds any of our ``outputs`` unless ``overwrite`` (which only ever replaces
+    those files) or ``resume``. Creates nothing: inputs are checked before anything is written."""
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise ConfigError(f"--out {out} exists and is not a directory")
+    present = [f for f in outputs if os.path.exists(os.path.join(out, f))]
+    if present and not (overwrite or resume):
+        raise ConfigError(f"{out} already holds results ({', '.join(present)}); choose another --out, pass "
+                          "--overwrite to replace them, or --resume to continue that run")
+
+
+def make_out(out: str) -> None:
+    try:
+        os.makedirs(out, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"cannot create the output directory {out}: {exc.strerror}") from exc
+
+
+def check_device(device: Optional[str]) -> None:
+    if device and device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"--device {device}: no CUDA GPU is available on this machine")
+
+
+@dataclass
+class Loaded:
+    """A model (with its checkpoint) and the data around it."""
+
+    model: nn.Module
+    splits: object  # datasets.DatasetSplits
+    norm_train: Dataset
+    norm_test: Dataset
+
+
+def load_model_and_data(arch: str, checkpoint: Optional[str], data: str, arch_args: Dict,
+                        data_root: Optional[str] = None) -> Loaded:
+    from .archs import build_arch
+    from .checkpoint import apply_state_dict, load_state_dict
+    from .datasets import load_dataset
+
+    splits = load_dataset(data, root=data_root) if data_root else load_dataset(data)
+    model = build_arch(arch, num_classes=splits.num_classes, in_channels=splits.in_channels, **arch_args)
+    if checkpoint is not None:
+        apply_state_dict(model, load_state_dict(checkpoint))
+    return Loaded(model, splits, Normalized(splits.train, splits.mean, splits.std),
+                  Normalized(splits.test, splits.mean, splits.std))
+
+
+def make_trigger_spec(spec: Optional[str], image_shape):
+    """badnets | blend | a picture file (stamped bottom-right, or blended when it is the images' size)."""
+    if spec is None:
+        return None
+    from .attacks import ImageTrigger, make_trigger
+
+    if spec in ("badnets", "blend"):
+        size = max(3, min(image_shape[-2:]) // 10)
+        return make_trigger("badnets", size=size) if spec == "badnets" else make_trigger("blend")
+    if not os.path.isfile(spec):
+        raise ConfigError(f"--trigger {spec!r}: neither badnets, blend nor an existing image file")
+    return ImageTrigger.from_file(spec, image_shape)
+
+
+# ------------------------------------------------------------------------------------------------ evaluation
+@dataclass
+class Evaluator:
+    """ACC on the test split, ASR on its triggered non-target part, ACC on the held-out clean split."""
+
+    device: torch.device
+    test: Dataset
+    holdout: Optional[Dataset] = None
+    triggered: Optional[Dataset] = None
+    target: Optional[int] = None
+    workers: int = 0
+    labels: Dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def __post_init__(self):
+        self.labels["test"] = labels_of(self.test)
+        if self.holdout is not None:
+            self.labels["holdout"] = labels_of(self.holdout)
+
+    def __call__(self, model: nn.Module, holdout_only: bool = False) -> Dict[str, float]:
+        row = {}
+        if self.holdout is not None:
+            row["holdout_acc"] = float((predictions(model, self.holdout, self.device, workers=self.workers)
+                                        == self.labels["holdout"]).float().mean())
+        if holdout_only:
+            return row
+        row["acc"] = float((predictions(model, self.test, self.device, workers=self.workers)
+                            == self.labels["test"]).float().mean())
+        if self.triggered is not None:
+            row["asr"] = float((predictions(model, self.triggered, self.device, workers=self.workers)
+                                == self.target).float().mean())
+        return row
+
+
+def choose_auto(rows: List[Dict], base_holdout: float, budget_points: float) -> Dict:
+    """The row pruning the most neurons whose held-out clean accuracy dropped by <= budget (points)."""
+    ok = [r for r in rows if 100 * (base_holdout - r["holdout_acc"]) <= budget_points + 1e-9]
+    return max(ok, key=lambda r: (r["pruned"], -r["threshold"])) if ok else rows[0]
+
+
+THRESHOLDS = [round(0.05 * i, 2) for i in range(20)]
+
+
+def _pruning_sweep(model, masks, evaluator: Evaluator, rule: Dict):
+    """The sweep rows (threshold grid, every column) and the chosen rule."""
+    rows = sweep(model, masks, evaluator, thresholds=THRESHOLDS)
+    if rule.get("auto"):
+        base = rows[0]["holdout_acc"]
+        pick = choose_auto(rows, base, rule["budget"])
+        return rows, {"threshold": pick["threshold"]}
+    return rows, {k: v for k, v in rule.items() if k in ("threshold", "number", "fraction")}
+
+
+# ------------------------------------------------------------------------------------------------ purify
+def run_purify(*, arch: str, checkpoint: str, data: str, out: str, config: ANPConfig,
+               arch_args: Optional[Dict] = None, clean_fraction: Optional[float] = None,
+               clean_count: Optional[int] = None, holdout_fraction: float = 0.2, prune_rule: str = "auto",
+               budget: float = 2.0, trigger: Optional[str] = None, target: Optional[int] = None,
+               save_every: int = 0, resume: bool = False, overwrite: bool = False,
+               allow_small_clean: bool = False, workers: int = 0, progress: bool = True,
+               command: Optional[Dict] = None, log=print) -> Dict:
+    """Load, run ANP, prune, and write every output into ``out``; returns the report. ``command``: the
+    arguments to record in ``out/command.json`` for a later ``--resume``."""
+    from .checkpoint import save_checkpoint
+    from .datasets import clean_split
+
+    t_start = time.perf_counter()
+    rule = parse_prune_rule(prune_rule)
+    if rule.get("auto"):
+        rule["budget"] = budget
+    if budget < 0:
+        raise ConfigError(f"--budget {budget}: must be >= 0 (accuracy points)")
+    if not 0 <= holdout_fraction < 1:
+        raise ConfigError(f"--holdout-fraction {holdout_fraction}: must be in [0, 1)")
+    if (clean_fraction is None) == (clean_count is None):
+        clean_fraction = 0.01 if clean_count is None else clean_fraction
+    check_device(config.device)
+    state_path = os.path.join(out, STATE_FILE)
+    resume = resume and os.path.exists(state_path)
+    check_out(out, PURIFY_OUTPUTS, overwrite, resume)
+    loaded = load_model_and_data(arch, checkpoint, data, arch_args or {})
+    splits = loaded.splits
+    if target is not None and not 0 <= target < splits.num_classes:
+        raise ConfigError(f"--target {target}: {splits.name} has classes 0-{splits.num_classes - 1}")
+    if trigger is not None and target is None:
+        raise ConfigError("--trigger needs --target (the class the backdoor sends images to)")
+    clean_idx, holdout_idx = clean_split(len(splits.train), fraction=clean_fraction if clean_count is None else None,
+                                         count=clean_count, holdout_fraction=holdout_fraction, seed=config.seed)
+    if len(clean_idx) < config.batch_size and not allow_small_clean:
+        raise DataError(f"the clean set has {len(clean_idx)} images, fewer than one batch ({config.batch_size}): "
+                        "give more (--clean-count/--clean-fraction), a smaller --batch-size, or pass "
+                        "--sample-with-replacement to draw full batches from it anyway")
+    if rule.get("auto") and 0 < len(holdout_idx) and 100.0 / len(holdout_idx) > budget:
+        log(f"warning: the held-out clean split has {len(holdout_idx)} images, so one image is "
+            f"{100.0 / len(holdout_idx):.1f} accuracy points, more than the {budget:g}-point budget: auto pruning "
+            "can only stop where no held-out image is lost; give more clean data for a finer choice")
+    clean = Subset(loaded.norm_train, clean_idx.tolist())
+    holdout = Subset(loaded.norm_train, holdout_idx.tolist()) if len(holdout_idx) else None
+    trig = make_trigger_spec(trigger, (splits.in_channels, *splits.image_size))
+    triggered = None
+    if trig is not None:
+        keep = (labels_of(splits.test) != target).nonzero().flatten().tolist()
+        triggered = Normalized(Subset(splits.test, keep), splits.mean, splits.std, trigger=trig)
+    device = torch.device(config.device) if config.device else torch.device("cpu")
+    model = loaded.model.to(device)
+    evaluator = Evaluator(device, loaded.norm_test, holdout, triggered, target, workers)
+    make_out(out)  # every input checked: from here on files are written (each atomically)
+    before = evaluator(model)
+    log(f"{arch} on {splits.name}: {len(clean_idx)} clean images for ANP, {len(holdout_idx)} held out, "
+        f"{len(splits.test)} test; before: " + _fmt(before))
+    if command is not None:  # what `--resume DIR` needs to rerun this command (not a result file)
+        atomic_write_text(os.path.join(out, COMMAND_FILE), json.dumps(command, indent=1))
+    in_memory = getattr(splits, "in_memory", not data.startswith("imagefolder"))
+    clean_data = tensors_of(clean) if in_memory else clean
+    try:
+        result = optimize_masks(model, clean_data, config, progress=progress, save_every=save_every,
+                                state_path=state_path, resume=resume)
+    except Interrupted as stop:
+        log(f"interrupted after {len(stop.result.loss_history)} iterations; the state is in {state_path}: "
+            f"continue with --resume {out}")
+        raise
+    masks = result.masks
+    save_masks(masks, os.path.join(out, "masks.txt"))
+    rows, chosen = _pruning_sweep(model, masks, evaluator, rule)
+    purified = prune(model, masks, **chosen)
+    after = evaluator(purified)
+    n_pruned = pruned_count(masks, **chosen)
+    save_checkpoint(purified.state_dict(), os.path.join(out, "purified"))
+    write_csv(os.path.join(out, "sweep.csv"), rows)
+    from .report import plot_mask_histograms, plot_pruning_sweep
+    plot_mask_histograms(os.path.join(out, "mask_histograms.png"), masks,
+                         chosen.get("threshold"), title=f"ANP masks, {arch} on {splits.name}")
+    plot_pruning_sweep(os.path.join(out, "pruning_sweep.png"), rows, chosen.get("threshold"),
+                       title=f"pruning {arch} on {splits.name}")
+    report = {
+        "kind": "anp-fast purify", "arch": arch, "arch_args": arch_args or {}, "checkpoint": checkpoint,
+        "data": data, "sizes": {"clean": len(clean_idx), "holdout": len(holdout_idx), "test": len(splits.test)},
+        "trigger": trigger, "target": target, "prune": prune_rule, "chosen": chosen, "budget_points": budget,
+        "before": before, "after": after, "pruned_neurons": n_pruned, "neurons": result.num_neurons,
+        "anp": {"iters": config.iters, "resumed_at": result.timings["resumed_at"],
+                "seconds": result.timings["total_s"], "per_iter_s": result.timings["per_iter_s"],
+                "final_loss": result.loss_history[-1] if result.loss_history else None},
+        "config": config.to_dict(), "seconds": time.perf_counter() - t_start,
+        "versions": {"torch": torch.__version__, "python": platform.python_version()},
+        "outputs": list(PURIFY_OUTPUTS),
+    }
+    write_json(os.path.join(out, "report.json"), report)
+    log(f"after pruning {n_pruned}/{result.num_neurons} neurons ({_rule_text(chosen)}): " + _fmt(after))
+    log(f"wrote {', '.join(PURIFY_OUTPUTS)} to {out}")
+    return report
+
+
+def _fmt(row: Dict) -> str:
+    parts = [f"ACC {100 * row['acc']:.1f}%"]
+    if "asr" in row:
+        parts.append(f"ASR {100 * row['asr']:.1f}%")
+    if "holdout_acc" in row:
+        parts.append(f"held-out ACC {100 * row['holdout_acc']:.1f}%")
+    return ", ".join(parts)
+
+
+def _rule_text(chosen: Dict) -> str:
+    (k, v), = chosen.items()
+    return f"{k} {v:g}"
+
+
+# ------------------------------------------------------------------------------------------------ prune
+def run_prune(*, arch: str, checkpoint: str, masks_file: str, data: str, out: str, prune_rule: str = "threshold:0.2",
+              arch_args: Optional[Dict] = None, budget: float = 2.0, holdout_fraction: float = 0.2,
+              clean_fraction: Optional[float] = None, clean_count: Optional[int] = None,
+              trigger: Optional[str] = None, target: Optional[int] = None, seed: int = 0,
+              device: Optional[str] = None, overwrite: bool = False, log=print) -> Dict:
+    """Masks + checkpoint -> pruned checkpoint, sweep CSV and report. The held-out clean split (for auto) is the
+    one ``purify`` drew with the same clean fraction/count, holdout fraction and seed."""
+    from .checkpoint import save_checkpoint
+    from .datasets import clean_split
+
+    outputs = ("pruned.safetensors", "pruned.pt", "sweep.csv", "prune_report.json", "pruning_sweep.png")
+    rule = parse_prune_rule(prune_rule)
+    if rule.get("auto"):
+        rule["budget"] = budget
+    check_device(device)
+    check_out(out, outputs, overwrite)
+    loaded = load_model_and_data(arch, checkpoint, data, arch_args or {})
+    masks = load_masks(masks_file)
+    splits = loaded.splits
+    if clean_count is None and clean_fraction is None:
+        clean_fraction = 0.01
+    _, holdout_idx = clean_split(len(splits.train), fraction=None if clean_count is not None else clean_fraction,
+                                 count=clean_count, holdout_fraction=holdout_fraction, seed=seed)
+    holdout = Subset(loaded.norm_train, holdout_idx.tolist()) if len(holdout_idx) else None
+    trig = make_trigger_spec(trigger, (splits.in_channels, *splits.image_size))
+    triggered = None
+    if trig is not None:
+        if target is None or not 0 <= target < splits.num_classes:
+            raise ConfigError(f"--target must be a class of {splits.name} (0-{splits.num_classes - 1})")
+        keep = (labels_of(splits.test) != target).nonzero().flatten().tolist()
+        triggered = Normalized(Subset(splits.test, keep), splits.mean, splits.std, trigger=trig)
+    dev = torch.device(device) if device else torch.device("cpu")
+    model = loaded.model.to(dev)
+    evaluator = Evaluator(dev, loaded.norm_test, holdout, triggered, target)
+    rows, chosen = _pruning_sweep(model, masks, evaluator, rule)
+    pruned = prune(model, masks, **chosen)
+    after = evaluator(pruned)
+    make_out(out)
+    save_checkpoint(pruned.state_dict(), os.path.join(out, "pruned"))
+    write_csv(os.path.join(out, "sweep.csv"), rows)
+    from .report import plot_pruning_sweep
+    plot_pruning_sweep(os.path.join(out, "pruning_sweep.png"), rows, chosen.get("threshold"),
+                       title=f"pruning {arch} on {splits.name}")
+    report = {"kind": "anp-fast prune", "arch": arch, "checkpoint": checkpoint, "masks": masks_file, "data": data,
+              "chosen": chosen, "after": after, "pruned_neurons": pruned_count(masks, **chosen)}
+    write_json(os.path.join(out, "prune_report.json"), report)
+    log(f"pruned {report['pruned_neurons']} neurons ({_rule_text(chosen)}): " + _fmt(after))
+    return report
+
+
+# ------------------------------------------------------------------------------------------------ attack
+def run_attack(*, arch: str, data: str, out: str, trigger: str = "badnets", target: int = 0,
+               poison_rate: float = 0.1, epochs: int = 30, batch_size: int = 128, lr: float = 0.05,
+               arch_args: Optional[Dict] = None, seed: int = 0, device: Optional[str] = None,
+               overwrite: bool = False, progress: bool = True, log=print) -> Dict:
+    """Train a backdoored model (research and tests): poison ``poison_rate`` of the training split."""
+    from .attacks import poison, triggered_test_set
+    from .checkpoint import save_checkpoint
+    from .train import accuracy, attack_success_rate, train_classifier
+
+    if epochs < 1:
+        raise ConfigError(f"--epochs {epochs}: must be >= 1")
+    if not 0 <= poison_rate <= 1:
+        raise ConfigError(f"--poison-rate {poison_rate}: must be in [0, 1]")
+    check_device(device)
+    check_out(out, ATTACK_OUTPUTS, overwrite)
+    loaded = load_model_and_data(arch, None, data, arch_args or {})
+    splits = loaded.splits
+    if not 0 <= target < splits.num_classes:
+        raise ConfigError(f"--target {target}: {splits.name} has classes 0-{splits.num_classes - 1}")
+    if not getattr(splits, "in_memory", not data.startswith("imagefolder")):
+        raise ConfigError(f"attack trains on data held in memory (digits, cifar10, cifar100); {data} is not")
+    trig = make_trigger_spec(trigger, (splits.in_channels, *splits.image_size))
+    x, y = tensors_of(splits.train)
+    xt, yt = tensors_of(splits.test)
+    xp, yp, poisoned = poison(x, y, trig, target, poison_rate, seed=seed)
+    x_asr, _ = triggered_test_set(xt, yt, trig, target)
+    mean = torch.tensor(splits.mean).view(1, -1, 1, 1)
+    std = torch.tensor(splits.std).view(1, -1, 1, 1)
+    torch.manual_seed(seed)
+    model = loaded.model
+    dev = torch.device(device) if device else torch.device("cpu")
+    model.to(dev)
+    t0 = time.perf_counter()
+    train_classifier(model, ((xp - mean) / std).to(dev), yp.to(dev), epochs=epochs, batch_size=batch_size, lr=lr,
+                     seed=seed, progress=progress, augment_shift=2)
+    report = {"kind": "anp-fast attack", "arch": arch, "arch_args": arch_args or {}, "data": data,
+              "trigger": trigger, "target": target, "poison_rate": poison_rate, "poisoned": len(poisoned),
+              "epochs": epochs, "seconds": time.perf_counter() - t0,
+              "acc": accuracy(model, ((xt - mean) / std).to(dev), yt.to(dev)),
+              "asr": attack_success_rate(model, ((x_asr - mean) / std).to(dev), target)}
+    make_out(out)
+    save_checkpoint(model.state_dict(), os.path.join(out, "backdoored"))
+    write_json(os.path.join(out, "attack.json"), report)
+    log(f"backdoored {arch} on {splits.name}: ACC {100 * report['acc']:.1f}%, ASR {100 * report['asr']:.1f}% "
+        f"({len(poisoned)} training images poisoned with {trigger}, target {target}); wrote "
+        f"{', '.join(ATTACK_OUTPUTS)} to {out}")
+    return report
+
+
+__all__ = ["run_purify", "run_prune", "run_attack", "parse_prune_rule", "check_out", "choose_auto",
+           "Normalized", "ANPError"]
