@@ -9,6 +9,9 @@ def atomic_write(path: str, write: Callable[[IO], None], binary: bool = False) -
     interruption leaves either the old file or the whole new one."""
     folder = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.basename(path))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it owner-only; a result file gets the usual permissions
     try:
         with os.fdopen(fd, "wb" if binary else "w") as f:
             write(f)

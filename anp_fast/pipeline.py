@@ -15,7 +15,7 @@ import os
 import platform
 import time
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -170,7 +170,7 @@ def make_trigger_spec(spec: Optional[str], image_shape):
     from .attacks import ImageTrigger, make_trigger
 
     if spec in ("badnets", "blend"):
-        size = max(3, min(image_shape[-2:]) // 10)
+        size = max(3, min(image_shape[-2:]) // 6)  # 5 px on 32x32, 3 px on 16x16 (the demo)
         return make_trigger("badnets", size=size) if spec == "badnets" else make_trigger("blend")
     if not os.path.isfile(spec):
         raise ConfigError(f"--trigger {spec!r}: neither badnets, blend nor an existing image file")
@@ -210,22 +210,39 @@ class Evaluator:
         return row
 
 
-def choose_auto(rows: List[Dict], base_holdout: float, budget_points: float) -> Dict:
-    """The row pruning the most neurons whose held-out clean accuracy dropped by <= budget (points)."""
-    ok = [r for r in rows if 100 * (base_holdout - r["holdout_acc"]) <= budget_points + 1e-9]
-    return max(ok, key=lambda r: (r["pruned"], -r["threshold"])) if ok else rows[0]
-
-
 THRESHOLDS = [round(0.05 * i, 2) for i in range(20)]
+
+
+def auto_number(model, masks, evaluator: "Evaluator", budget_points: float, grid: int = 32) -> Dict:
+    """How many neurons (lowest masks first) to prune: the most whose held-out clean accuracy stays within the
+    budget -- a grid over 0..all, then bisection between the last good and the first bad grid point. Only the
+    held-out CLEAN split is looked at."""
+    total = sum(int(m.numel()) for m in masks.values())
+    holdout = lambda m: evaluator(m, holdout_only=True)  # noqa: E731
+    numbers = sorted({round(total * i / grid) for i in range(grid + 1)})
+    rows = sweep(model, masks, holdout, numbers=numbers)
+    base = rows[0]["holdout_acc"]
+    ok = lambda r: 100 * (base - r["holdout_acc"]) <= budget_points + 1e-9  # noqa: E731
+    best = max((r for r in rows if ok(r)), key=lambda r: r["number"])
+    above = [r["number"] for r in rows if r["number"] > best["number"]]
+    lo, hi = best["number"], (min(above) if above else best["number"])
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        (row,) = sweep(model, masks, holdout, numbers=[mid])
+        if ok(row):
+            lo = mid
+        else:
+            hi = mid
+    return {"number": lo}
 
 
 def _pruning_sweep(model, masks, evaluator: Evaluator, rule: Dict):
     """The sweep rows (threshold grid, every column) and the chosen rule."""
     rows = sweep(model, masks, evaluator, thresholds=THRESHOLDS)
     if rule.get("auto"):
-        base = rows[0]["holdout_acc"]
-        pick = choose_auto(rows, base, rule["budget"])
-        return rows, {"threshold": pick["threshold"]}
+        if evaluator.holdout is None:
+            raise ConfigError("--prune auto needs a held-out clean split (--holdout-fraction > 0)")
+        return rows, auto_number(model, masks, evaluator, rule["budget"])
     return rows, {k: v for k, v in rule.items() if k in ("threshold", "number", "fraction")}
 
 
@@ -306,10 +323,11 @@ def run_purify(*, arch: str, checkpoint: str, data: str, out: str, config: ANPCo
     save_checkpoint(purified.state_dict(), os.path.join(out, "purified"))
     write_csv(os.path.join(out, "sweep.csv"), rows)
     from .report import plot_mask_histograms, plot_pruning_sweep
-    plot_mask_histograms(os.path.join(out, "mask_histograms.png"), masks,
-                         chosen.get("threshold"), title=f"ANP masks, {arch} on {splits.name}")
-    plot_pruning_sweep(os.path.join(out, "pruning_sweep.png"), rows, chosen.get("threshold"),
-                       title=f"pruning {arch} on {splits.name}")
+    cut = _cut_value(masks, chosen)
+    plot_mask_histograms(os.path.join(out, "mask_histograms.png"), masks, cut,
+                         title=f"ANP masks, {arch} on {splits.name}")
+    plot_pruning_sweep(os.path.join(out, "pruning_sweep.png"), rows, n_pruned, chosen_label=_rule_text(chosen),
+                       extra={"pruned": n_pruned, **after}, title=f"pruning {arch} on {splits.name}")
     report = {
         "kind": "anp-fast purify", "arch": arch, "arch_args": arch_args or {}, "checkpoint": checkpoint,
         "data": data, "sizes": {"clean": len(clean_idx), "holdout": len(holdout_idx), "test": len(splits.test)},
@@ -340,6 +358,15 @@ def _fmt(row: Dict) -> str:
 def _rule_text(chosen: Dict) -> str:
     (k, v), = chosen.items()
     return f"{k} {v:g}"
+
+
+def _cut_value(masks, chosen: Dict) -> float:
+    """The mask value at the pruning cut (for the histograms): the threshold, or the largest pruned mask."""
+    if "threshold" in chosen:
+        return chosen["threshold"]
+    from .pruning import select_pruned
+    picked = [masks[name].flatten()[idx] for name, idx in select_pruned(masks, **chosen).items() if idx.numel()]
+    return float(torch.cat(picked).max()) if picked else 0.0
 
 
 # ------------------------------------------------------------------------------------------------ prune
@@ -384,8 +411,9 @@ def run_prune(*, arch: str, checkpoint: str, masks_file: str, data: str, out: st
     save_checkpoint(pruned.state_dict(), os.path.join(out, "pruned"))
     write_csv(os.path.join(out, "sweep.csv"), rows)
     from .report import plot_pruning_sweep
-    plot_pruning_sweep(os.path.join(out, "pruning_sweep.png"), rows, chosen.get("threshold"),
-                       title=f"pruning {arch} on {splits.name}")
+    n_pruned = pruned_count(masks, **chosen)
+    plot_pruning_sweep(os.path.join(out, "pruning_sweep.png"), rows, n_pruned, chosen_label=_rule_text(chosen),
+                       extra={"pruned": n_pruned, **after}, title=f"pruning {arch} on {splits.name}")
     report = {"kind": "anp-fast prune", "arch": arch, "checkpoint": checkpoint, "masks": masks_file, "data": data,
               "chosen": chosen, "after": after, "pruned_neurons": pruned_count(masks, **chosen)}
     write_json(os.path.join(out, "prune_report.json"), report)
@@ -428,7 +456,7 @@ def run_attack(*, arch: str, data: str, out: str, trigger: str = "badnets", targ
     model.to(dev)
     t0 = time.perf_counter()
     train_classifier(model, ((xp - mean) / std).to(dev), yp.to(dev), epochs=epochs, batch_size=batch_size, lr=lr,
-                     seed=seed, progress=progress, augment_shift=2)
+                     seed=seed, progress=progress)
     report = {"kind": "anp-fast attack", "arch": arch, "arch_args": arch_args or {}, "data": data,
               "trigger": trigger, "target": target, "poison_rate": poison_rate, "poisoned": len(poisoned),
               "epochs": epochs, "seconds": time.perf_counter() - t0,
@@ -443,5 +471,5 @@ def run_attack(*, arch: str, data: str, out: str, trigger: str = "badnets", targ
     return report
 
 
-__all__ = ["run_purify", "run_prune", "run_attack", "parse_prune_rule", "check_out", "choose_auto",
+__all__ = ["run_purify", "run_prune", "run_attack", "parse_prune_rule", "check_out", "auto_number",
            "Normalized", "ANPError"]

@@ -106,11 +106,11 @@ def plot_mask_histograms(path: str, masks: Mapping[str, torch.Tensor], threshold
         ax.hist(values, bins=20, range=(0, 1), color="#4477aa")
         ax.set_yscale("log")
         low = int((values <= threshold).sum()) if threshold is not None else None
-        ax.set_title(f"{name} ({len(values)}" + (f", {low} <= {threshold:g})" if low is not None else ")"),
+        ax.set_title(f"{name} ({len(values)}" + (f", {low} <= {threshold:.3g})" if low is not None else ")"),
                      fontsize=9)
         if threshold is not None:
             ax.axvline(threshold, color="k", ls="--", lw=1)
-        ax.set_xlabel("mask value", fontsize=8)
+        ax.set_xlabel("mask value (dashed: pruning cut)" if threshold is not None else "mask value", fontsize=8)
         ax.tick_params(labelsize=7)
     fig.suptitle(title)
     fig.tight_layout()
@@ -120,10 +120,11 @@ def plot_mask_histograms(path: str, masks: Mapping[str, torch.Tensor], threshold
         plt.close(fig)
 
 
-def plot_pruning_sweep(path: str, rows: Sequence[Mapping], chosen_threshold: Optional[float] = None,
-                       title: str = "pruning sweep") -> None:
-    """ACC (test and held-out clean) and ASR (when measured) against the number of pruned neurons, the
-    chosen amount marked; the thresholds label the top axis."""
+def plot_pruning_sweep(path: str, rows: Sequence[Mapping], chosen_pruned: Optional[int] = None,
+                       chosen_label: str = "", extra: Optional[Mapping] = None, title: str = "pruning sweep") -> None:
+    """ACC (test and held-out clean) and ASR (when measured) against the number of pruned neurons over the
+    threshold sweep, the chosen amount marked (``extra``: the chosen model's own row, drawn as stars); the
+    thresholds label the top axis."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -131,16 +132,17 @@ def plot_pruning_sweep(path: str, rows: Sequence[Mapping], chosen_threshold: Opt
 
     xs = [r["pruned"] for r in rows]
     fig, ax = plt.subplots(figsize=(7, 4.2))
-    ax.plot(xs, [100 * r["acc"] for r in rows], "o-", color="#228833", label="ACC (test)")
-    if "holdout_acc" in rows[0]:
-        ax.plot(xs, [100 * r["holdout_acc"] for r in rows], "^--", color="#66ccee", label="ACC (held-out clean)")
-    if "asr" in rows[0]:
-        ax.plot(xs, [100 * r["asr"] for r in rows], "s-", color="#cc3311", label="ASR (triggered test)")
-    if chosen_threshold is not None:
-        pick = [r["pruned"] for r in rows if r.get("threshold") == chosen_threshold]
-        if pick:
-            ax.axvline(pick[0], color="k", ls="--", lw=1, label=f"chosen: threshold {chosen_threshold:g}")
-    ax.set_xlabel("pruned neurons")
+    series = [("acc", "o-", "#228833", "ACC (test)"), ("holdout_acc", "^--", "#66ccee", "ACC (held-out clean)"),
+              ("asr", "s-", "#cc3311", "ASR (triggered test)")]
+    for key, style, color, label in series:
+        if key in rows[0]:
+            ax.plot(xs, [100 * r[key] for r in rows], style, color=color, label=label)
+            if extra and key in extra:
+                ax.plot([extra["pruned"]], [100 * extra[key]], "*", color=color, ms=13, mec="k")
+    if chosen_pruned is not None:
+        ax.axvline(chosen_pruned, color="k", ls="--", lw=1,
+                   label=f"chosen: {chosen_label or chosen_pruned} ({chosen_pruned} pruned)")
+    ax.set_xlabel("pruned neurons (lowest masks first)")
     ax.set_ylabel("%")
     ax.set_ylim(-2, 102)
     ax.grid(alpha=0.3)

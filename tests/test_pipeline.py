@@ -11,7 +11,7 @@ from anp_fast import ANPConfig
 from anp_fast.checkpoint import load_state_dict, save_checkpoint
 from anp_fast.cli import main
 from anp_fast.datasets import write_cifar
-from anp_fast.pipeline import PURIFY_OUTPUTS, choose_auto, parse_prune_rule, run_purify
+from anp_fast.pipeline import PURIFY_OUTPUTS, auto_number, parse_prune_rule, run_purify
 from anp_fast.archs import build_arch
 
 
@@ -213,7 +213,18 @@ def test_prune_rules_and_auto_choice():
     assert parse_prune_rule("number:5") == {"number": 5}
     assert parse_prune_rule("fraction:0.1") == {"fraction": 0.1}
     assert parse_prune_rule("auto") == {"auto": True}
-    rows = [{"threshold": 0.0, "pruned": 0, "holdout_acc": 0.90}, {"threshold": 0.1, "pruned": 5, "holdout_acc": 0.89},
-            {"threshold": 0.2, "pruned": 9, "holdout_acc": 0.885}, {"threshold": 0.3, "pruned": 12, "holdout_acc": 0.8}]
-    assert choose_auto(rows, 0.90, 2.0)["threshold"] == 0.2  # the most pruning within 2 points
-    assert choose_auto(rows, 0.90, 0.5)["threshold"] == 0.0
+
+    # auto: a held-out accuracy losing 0.1 point per pruned neuron -> a 2-point budget allows exactly 20
+    model = torch.nn.Sequential(torch.nn.Conv2d(1, 150, 1), torch.nn.BatchNorm2d(150))
+    masks = {"1": torch.rand(150, generator=torch.Generator().manual_seed(0))}
+    seen = []
+
+    def evaluator(m, holdout_only=False):
+        assert holdout_only  # auto never looks at the test split or triggered data
+        zeros = int((m[1].weight == 0).sum())
+        seen.append(zeros)
+        return {"holdout_acc": 1.0 - 0.001 * zeros}
+    assert auto_number(model, masks, evaluator, 2.0) == {"number": 20}
+    assert auto_number(model, masks, evaluator, 0.0) == {"number": 0}
+    assert auto_number(model, masks, evaluator, 100.0) == {"number": 150}
+    assert len(seen) < 3 * 40  # grid + bisection, not every count
