@@ -38,6 +38,9 @@ def _add_config_flags(p: argparse.ArgumentParser, skip=("iters", "seed")) -> Non
                    help="clean and perturbed passes as one pass over the batch twice (default: on CUDA)")
     f.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="torch.compile the model passes (default: on CUDA)")
+    f.add_argument("--keep-freed-memory", action="store_true",
+                   help="keep freed CPU memory in the process instead of handing it back to the OS: fewer page "
+                        "faults, faster on CPU (measured 4-9%% per iteration), resident size does not shrink")
     f.add_argument("--fused-kernels", action=argparse.BooleanOptionalAction, default=None,
                    help="fused compiled norm kernels (default: where built; --no-fused-kernels: eager ops, "
                         "bit-identical to the published loop)")
@@ -272,6 +275,11 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 2
     commands = {"demo": _demo, "bench": _bench, "purify": _purify, "prune": _prune, "attack": _attack,
                 "export-digits": _export_digits}
+    if getattr(args, "keep_freed_memory", False):
+        from .cpu_memory import keep_freed_memory
+
+        if not keep_freed_memory():
+            print("anp-fast: --keep-freed-memory is not available here (glibc malloc only); ignored", file=sys.stderr)
     try:
         return commands[args.command](args)
     except ANPError as exc:

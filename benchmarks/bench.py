@@ -340,6 +340,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
+    p.add_argument("--keep-freed-memory", action="store_true",
+                   help="keep freed CPU memory in the process for every mode (see anp_fast.cpu_memory)")
     p.add_argument("--out", default="benchmarks/results", help="folder for the JSON/CSV/markdown results")
     p.add_argument("--profile", metavar="MODE", default=None,
                    help="instead of timing modes, break one iteration of engine MODE into its phases")
@@ -347,6 +349,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run_cli(args) -> int:
+    if getattr(args, "keep_freed_memory", False):
+        from anp_fast.cpu_memory import keep_freed_memory
+
+        print(f"keep freed memory: {'on' if keep_freed_memory() else 'not available here'}")
     if args.profile:
         try:
             parse_mode(args.profile)
