@@ -33,13 +33,31 @@ def table(rows: List[List[str]]) -> str:
     return "\n".join(lines)
 
 
-def plot_masks_and_sweep(path: str, masks: Mapping[str, torch.Tensor], sweep_rows: Sequence[Mapping],
-                         chosen: Optional[float] = None, title: str = "ANP") -> None:
-    """Two panels: the histogram of all mask values, and ACC/ASR against the pruning threshold."""
+def _pyplot():
+    """matplotlib.pyplot on the file-only Agg backend (no display needed)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save_png(fig, path: str) -> None:
+    """Lay out, write atomically as PNG, close."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    try:
+        atomic_write(path, lambda f: fig.savefig(f, dpi=110, format="png"), binary=True)
+    finally:
+        plt.close(fig)
+
+
+def plot_masks_and_sweep(path: str, masks: Mapping[str, torch.Tensor], sweep_rows: Sequence[Mapping],
+                         chosen: Optional[float] = None, title: str = "ANP") -> None:
+    """Two panels: the histogram of all mask values, and ACC/ASR against the pruning threshold."""
+    plt = _pyplot()
 
     values = torch.cat([m.detach().float().flatten().cpu() for m in masks.values()]).numpy()
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
@@ -64,11 +82,7 @@ def plot_masks_and_sweep(path: str, masks: Mapping[str, torch.Tensor], sweep_row
     ax2.legend(loc="center right")
     ax2.set_title("accuracy and attack success vs threshold")
     fig.suptitle(title)
-    fig.tight_layout()
-    try:
-        atomic_write(path, lambda f: fig.savefig(f, dpi=110, format="png"), binary=True)
-    finally:
-        plt.close(fig)
+    _save_png(fig, path)
 
 
 def _layer_group(name: str) -> str:
@@ -87,10 +101,7 @@ def _layer_group(name: str) -> str:
 def plot_mask_histograms(path: str, masks: Mapping[str, torch.Tensor], threshold: Optional[float] = None,
                          title: str = "ANP masks") -> None:
     """One histogram of mask values per layer group (model stage), log counts, the pruning threshold marked."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
 
     groups: dict = {}
     for name, m in masks.items():
@@ -113,11 +124,7 @@ def plot_mask_histograms(path: str, masks: Mapping[str, torch.Tensor], threshold
         ax.set_xlabel("mask value (dashed: pruning cut)" if threshold is not None else "mask value", fontsize=8)
         ax.tick_params(labelsize=7)
     fig.suptitle(title)
-    fig.tight_layout()
-    try:
-        atomic_write(path, lambda f: fig.savefig(f, dpi=110, format="png"), binary=True)
-    finally:
-        plt.close(fig)
+    _save_png(fig, path)
 
 
 def plot_pruning_sweep(path: str, rows: Sequence[Mapping], chosen_pruned: Optional[int] = None,
@@ -125,10 +132,7 @@ def plot_pruning_sweep(path: str, rows: Sequence[Mapping], chosen_pruned: Option
     """ACC (test and held-out clean) and ASR (when measured) against the number of pruned neurons over the
     threshold sweep, the chosen amount marked (``extra``: the chosen model's own row, drawn as stars); the
     thresholds label the top axis."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
 
     xs = [r["pruned"] for r in rows]
     fig, ax = plt.subplots(figsize=(7, 4.2))
@@ -153,8 +157,4 @@ def plot_pruning_sweep(path: str, rows: Sequence[Mapping], chosen_pruned: Option
         top.set_xticks([r["pruned"] for r in ticks], [f"{r['threshold']:g}" for r in ticks], fontsize=7)
         top.set_xlabel("mask threshold", fontsize=8)
     ax.set_title(title)
-    fig.tight_layout()
-    try:
-        atomic_write(path, lambda f: fig.savefig(f, dpi=110, format="png"), binary=True)
-    finally:
-        plt.close(fig)
+    _save_png(fig, path)

@@ -9,6 +9,7 @@ from anp_fast import models, ops
 from anp_fast.archs import ARCHS, build_arch, list_archs
 from anp_fast.errors import ModelError
 from anp_fast.surgery import perturb_model
+from test_fusion import _grads  # tests/ is on sys.path (conftest)
 
 # registry name -> (tiny-width kwargs, input side); VGG's five max-pools need 32x32
 TINY = {
@@ -67,18 +68,6 @@ def test_cifar_shapes_of_new_models():
     mnv2 = models.mobilenetv2(width=0.25).eval()
     with torch.no_grad():
         assert mnv2.features(torch.randn(1, 3, 32, 32)).shape[-2:] == (8, 8)
-
-
-def _grads(pm, x, fused=False):
-    pm.state.fused = fused  # False: the eager path
-    mask = pm.state.mask.requires_grad_(True)
-    pm.state.use_clean()
-    try:
-        out = pm(x)
-        (g,) = torch.autograd.grad(out.square().sum(), mask)
-    finally:
-        mask.requires_grad_(False)
-    return out.detach(), g
 
 
 def test_cifar_bottleneck_is_fused_and_bit_identical_on_the_eager_path():

@@ -10,7 +10,7 @@ from anp_fast.models import preact_resnet18, resnet18
 from anp_fast.surgery import perturb_model
 
 
-def _grads(pm, x, fused):
+def _grads(pm, x, fused=False):
     pm.state.fused = fused
     mask = pm.state.mask.requires_grad_(True)
     pm.state.use_clean()
