@@ -102,3 +102,20 @@ def test_dispatch_prefers_registered_backend_and_env_forces(monkeypatch):
         assert calls == [1]
     finally:
         ops._REGISTRY["perturbed_group_norm"] = saved
+
+
+def test_missing_cpp_library_warns_once_and_runs_eagerly(monkeypatch):
+    from anp_fast.ops import loaders
+
+    ops.backends("perturbed_batch_norm")  # load whatever is built
+    table = {k: v for k, v in ops._REGISTRY["perturbed_batch_norm"].items() if k != "cpp"}
+    monkeypatch.setitem(ops._REGISTRY, "perturbed_batch_norm", table)
+    monkeypatch.setattr(ops, "_cpp_error", ImportError("no module named anp_fast._cpu_kernels"))
+    monkeypatch.setattr(loaders, "_warned", set())
+    with pytest.warns(RuntimeWarning, match="C\\+\\+ CPU kernels are not built .*no module named"):
+        fn = ops.resolve("perturbed_batch_norm", "cpu")
+    assert fn is eager.perturbed_batch_norm
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the second time: no warning
+        assert ops.resolve("perturbed_batch_norm", "cpu") is eager.perturbed_batch_norm

@@ -21,6 +21,7 @@ ALL_DEVICES = ("cpu", "cuda", "mps", "xpu", "meta")
 _REGISTRY: Dict[str, Dict[str, Tuple[Callable, Tuple[str, ...]]]] = {op: {} for op in OPS}
 _custom_ops: Dict[str, tuple] = {}  # backend -> (forward op, backward op) of its fused batch norm
 _loaded = False
+_cpp_error: Optional[BaseException] = None  # why the C++ CPU kernels did not load (None: they did)
 
 
 def register(op: str, backend: str, fn: Callable, *, devices: Sequence[str] = ALL_DEVICES,
@@ -40,10 +41,12 @@ def _load_fused() -> None:
     if _loaded:
         return
     _loaded = True
+    global _cpp_error
     from . import fused, loaders
+    cpp, _cpp_error = loaders.cpp_kernels()
     for name, (kernels, devices) in (("triton", (loaders.triton_kernels(), ("cuda",))),
                                      ("cuda", (loaders.cuda_kernels(), ("cuda",))),
-                                     ("cpp", (loaders.cpp_kernels()[0], ("cpu",)))):
+                                     ("cpp", (cpp, ("cpu",)))):
         if kernels is not None:
             fn, fwd, bwd = fused.define_batch_norm(name, kernels)
             _custom_ops[name] = (fwd, bwd)
@@ -87,9 +90,8 @@ def resolve(op: str, device_type: str = "cpu", fused: bool = True) -> Callable:
         return fn if device_type in devices else table["eager"][0]
     for name, (fn, devices) in table.items():
         if device_type in devices:
-            if name == "eager" and op == "perturbed_batch_norm" and device_type == "cpu":
-                from .loaders import cpp_kernels
-                err = cpp_kernels()[1]
+            if name == "eager" and op == "perturbed_batch_norm" and device_type == "cpu" and _cpp_error:
+                err = _cpp_error
                 warn_once("cpp", f"anp_fast: the C++ CPU kernels are not built ({type(err).__name__}: {err}); "
                                  "the perturbed batch norm runs eagerly on the CPU (slower). Build them with "
                                  "`pip install --no-build-isolation -e .` in the source tree.")
