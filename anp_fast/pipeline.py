@@ -177,6 +177,15 @@ def make_trigger_spec(spec: Optional[str], image_shape):
     return ImageTrigger.from_file(spec, image_shape)
 
 
+def asr_dataset(splits, trigger: Optional[str], target: Optional[int]) -> Optional[Dataset]:
+    """The ASR set: test images whose label is not the target, triggered, normalised (None without trigger)."""
+    trig = make_trigger_spec(trigger, (splits.in_channels, *splits.image_size))
+    if trig is None:
+        return None
+    keep = (labels_of(splits.test) != target).nonzero().flatten().tolist()
+    return Normalized(Subset(splits.test, keep), splits.mean, splits.std, trigger=trig)
+
+
 # ------------------------------------------------------------------------------------------------ evaluation
 @dataclass
 class Evaluator:
@@ -291,11 +300,7 @@ def run_purify(*, arch: str, checkpoint: str, data: str, out: str, config: ANPCo
             "can only stop where no held-out image is lost; give more clean data for a finer choice")
     clean = Subset(loaded.norm_train, clean_idx.tolist())
     holdout = Subset(loaded.norm_train, holdout_idx.tolist()) if len(holdout_idx) else None
-    trig = make_trigger_spec(trigger, (splits.in_channels, *splits.image_size))
-    triggered = None
-    if trig is not None:
-        keep = (labels_of(splits.test) != target).nonzero().flatten().tolist()
-        triggered = Normalized(Subset(splits.test, keep), splits.mean, splits.std, trigger=trig)
+    triggered = asr_dataset(splits, trigger, target)
     device = torch.device(config.device) if config.device else torch.device("cpu")
     model = loaded.model.to(device)
     evaluator = Evaluator(device, loaded.norm_test, holdout, triggered, target, workers)
@@ -394,13 +399,9 @@ def run_prune(*, arch: str, checkpoint: str, masks_file: str, data: str, out: st
     _, holdout_idx = clean_split(len(splits.train), fraction=None if clean_count is not None else clean_fraction,
                                  count=clean_count, holdout_fraction=holdout_fraction, seed=seed)
     holdout = Subset(loaded.norm_train, holdout_idx.tolist()) if len(holdout_idx) else None
-    trig = make_trigger_spec(trigger, (splits.in_channels, *splits.image_size))
-    triggered = None
-    if trig is not None:
-        if target is None or not 0 <= target < splits.num_classes:
-            raise ConfigError(f"--target must be a class of {splits.name} (0-{splits.num_classes - 1})")
-        keep = (labels_of(splits.test) != target).nonzero().flatten().tolist()
-        triggered = Normalized(Subset(splits.test, keep), splits.mean, splits.std, trigger=trig)
+    if trigger is not None and (target is None or not 0 <= target < splits.num_classes):
+        raise ConfigError(f"--target must be a class of {splits.name} (0-{splits.num_classes - 1})")
+    triggered = asr_dataset(splits, trigger, target)
     dev = torch.device(device) if device else torch.device("cpu")
     model = loaded.model.to(dev)
     evaluator = Evaluator(dev, loaded.norm_test, holdout, triggered, target)

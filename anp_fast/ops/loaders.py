@@ -37,10 +37,20 @@ class _Extension:
                                                                training))
 
 
-class _Triton:
+class _TritonModule:
+    """Kernels of a Triton module of kernels/, whose ``forward``/``backward`` already follow the op's contract."""
+
     def __init__(self, module):
         self.module = module
 
+    def forward(self, *args):
+        return self.module.forward(*args)
+
+    def backward(self, *args):
+        return self.module.backward(*args)
+
+
+class _Triton(_TritonModule):
     def supports(self, x) -> bool:
         if x.dtype not in _FLOAT_TYPES + (torch.float16,) or x.dim() < 2 or x.numel() == 0:
             return False
@@ -49,12 +59,6 @@ class _Triton:
         except ValueError:
             return False
         return True
-
-    def forward(self, *args):
-        return self.module.forward(*args)
-
-    def backward(self, *args):
-        return self.module.backward(*args)
 
 
 def _import(name: str):
@@ -80,19 +84,10 @@ def triton_kernels() -> Optional[_Triton]:
     return None if module is None else _Triton(module)
 
 
-class _TritonLayerNorm:
-    def __init__(self, module):
-        self.module = module
-
+class _TritonLayerNorm(_TritonModule):
     def supports(self, x, features: int) -> bool:
         return (x.dtype in _FLOAT_TYPES + (torch.float16,) and x.numel() > 0 and x.dim() >= 2
                 and features <= self.module.MAX_D)
-
-    def forward(self, *args):
-        return self.module.forward(*args)
-
-    def backward(self, *args):
-        return self.module.backward(*args)
 
 
 def triton_layer_norm_kernels() -> Optional[_TritonLayerNorm]:
