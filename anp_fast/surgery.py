@@ -8,6 +8,7 @@ import torch
 import torch.nn as nn
 
 from .config import LAYER_POLICIES
+from . import ops
 from .errors import ConfigError, ModelError
 from .fusion import fuse_blocks
 from .layers import gate_kind, make_perturbable, neuron_count, norm_kind
@@ -92,4 +93,5 @@ def perturb_model(model: nn.Module, layers: str = "auto", exclude: Iterable[str]
     for slot, (name, _, kind) in zip(slots, found):
         make_perturbable(modules[name], kind, state, slot)
     fuse_blocks(net)  # residual add + ReLU into the batch norms of known residual blocks
+    ops.load()  # the compiled backends' imports must not happen inside a later torch.compile trace
     return PerturbedModel(net, state, policy)

@@ -27,3 +27,24 @@ def test_compiled_step_fullgraph_no_recompile(merge):
         torch.testing.assert_close(lc, le, rtol=1e-4, atol=1e-5)
     for name, m in eager.masks().items():
         torch.testing.assert_close(compiled.masks()[name], m, rtol=0, atol=1e-4)
+
+
+def test_compiled_step_first_thing_in_a_fresh_process():
+    """A compiled step before any eager call: the fused backends' imports must already have happened (they
+    cannot happen inside the trace; seen as a dynamo 'import_module is skipped' error)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import torch\n"
+        "from anp_fast import ANPConfig, ANPEngine\n"
+        "from anp_fast.models import resnet18\n"
+        "torch.manual_seed(0)\n"
+        "model = resnet18(num_classes=3, in_channels=1, width=4)\n"
+        "x, y = torch.randn(4, 1, 8, 8), torch.randint(0, 3, (4,))\n"
+        "for fused in (False, True):\n"
+        "    e = ANPEngine(model, ANPConfig(compile=True, fullgraph=True, fused_kernels=fused, seed=1))\n"
+        "    print(float(e.step(x, y)))\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert len(done.stdout.split()) == 2

@@ -4,7 +4,8 @@ Layers call the functions here; which implementation runs is decided here and no
 device type. Backends register with :func:`register`; the fused ones (C++ CPU, CUDA, Triton: custom ops, see
 ``ops.fused``) load on first use, and a missing compiled library is reported once (the op then runs eagerly).
 ``ANP_FAST_BACKEND=<name>`` forces one backend (where it lacks the op or the device, eager runs); a call with
-``fused=False`` runs eagerly. The eager backend (``ops.eager``) is the specification.
+``fused=False`` runs eagerly. :func:`load` defines the fused backends up front (model surgery calls it, so
+no library import happens inside a ``torch.compile`` trace). The eager backend (``ops.eager``) is the specification.
 """
 from __future__ import annotations
 
@@ -33,6 +34,14 @@ def register(op: str, backend: str, fn: Callable, *, devices: Sequence[str] = AL
     table.pop(backend, None)
     entry = {backend: (fn, tuple(devices))}
     _REGISTRY[op] = {**entry, **table} if preferred else {**table, **entry}
+
+
+def load() -> None:
+    """Define the custom ops of every compiled backend that loads (once; later calls cost nothing).
+
+    Runs on first use anyway, but importing a library cannot happen inside a ``torch.compile`` trace, so
+    model surgery calls it up front: a model compiled before its first eager call then traces cleanly."""
+    _load_fused()
 
 
 def _load_fused() -> None:
