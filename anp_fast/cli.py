@@ -44,6 +44,8 @@ def _add_config_flags(p: argparse.ArgumentParser, skip=("iters", "seed")) -> Non
     f.add_argument("--fused-kernels", action=argparse.BooleanOptionalAction, default=None,
                    help="fused compiled norm kernels (default: where built; --no-fused-kernels: eager ops, "
                         "bit-identical to the published loop)")
+    f.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=False,
+                   help="replay each iteration as one captured CUDA graph (CUDA only; default: off)")
 
 
 def _config_from(args) -> ANPConfig:
@@ -51,7 +53,7 @@ def _config_from(args) -> ANPConfig:
                      batch_size=args.batch_size, project_noise=args.project_noise, layers=args.layers,
                      train_mode=args.train_mode, device=args.device, precision=args.precision,
                      channels_last=args.channels_last, merge_passes=args.merge_passes, compile=args.compile,
-                     fused_kernels=args.fused_kernels)
+                     fused_kernels=args.fused_kernels, cuda_graphs=args.cuda_graphs)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -43,6 +43,8 @@ class ANPConfig:
     fused_kernels: run the perturbed norms as the fused compiled kernels (C++ on the CPU, CUDA/Triton on GPUs),
         with residual add and ReLU folded into the batch norm of known residual blocks (None/True: wherever a
         kernel is available; False: the eager ops, which reproduce the published loop bit for bit).
+    cuda_graphs: capture one iteration (after the noise draw) as a CUDA graph and replay it (CUDA only; the
+        first two iterations run uncaptured to warm up). Off by default until measured on a GPU.
     """
 
     eps: float = 0.4
@@ -63,6 +65,7 @@ class ANPConfig:
     compile: Optional[bool] = None
     fullgraph: bool = True
     fused_kernels: Optional[bool] = None
+    cuda_graphs: bool = False
 
     def __post_init__(self):
         def bad(field, why):
@@ -93,7 +96,7 @@ class ANPConfig:
         integer("iters", 1)
         integer("batch_size", 1)
         integer("seed", 0)
-        for field in ("project_noise", "fullgraph"):
+        for field in ("project_noise", "fullgraph", "cuda_graphs"):
             if not isinstance(getattr(self, field), bool):
                 bad(field, "must be True or False")
         for field in ("channels_last", "merge_passes", "compile", "fused_kernels"):

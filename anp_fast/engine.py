@@ -15,6 +15,7 @@ from .config import ANPConfig
 from .data import BatchSource, batch_source, check_labels
 from .errors import ConfigError, DivergenceError, ModelError
 from .fileio import atomic_torch_save
+from .graphs import StepGraph
 from .progress import progress_bar
 from .surgery import PerturbedModel, perturb_model
 
@@ -89,6 +90,11 @@ class ANPEngine:
         self.iteration = 0
         self.num_classes: Optional[int] = None
         self._set_mode()
+        self.graphs: Optional[StepGraph] = None
+        if cfg.cuda_graphs:
+            if not on_gpu:
+                raise ConfigError(f"ANPConfig.cuda_graphs=True needs a CUDA device; this engine runs on {self.device}")
+            self.graphs = StepGraph(self)
 
     def _set_mode(self) -> None:
         net = self.model.net
@@ -105,7 +111,9 @@ class ANPEngine:
         return self.model.state
 
     def _autocast(self, low_precision: bool):
-        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=low_precision)
+        # No cast cache under CUDA graphs: a cached cast made during capture would outlive its graph pool.
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=low_precision,
+                              cache_enabled=not self.config.cuda_graphs)
 
     def draw_noise(self, noise_w: Tensor, noise_b: Tensor, eps: float) -> None:
         """Default noise draw: d, e ~ U(-eps, eps) from the engine's seeded generator."""
@@ -131,9 +139,18 @@ class ANPEngine:
 
     def noise_step(self, x: Tensor, y: Tensor) -> None:
         """Draw d, e and take ``steps`` signed-gradient ascent steps on them (the mask held fixed)."""
+        self.draw(x, y)
+        self.noise_ascent(x, y)
+
+    def draw(self, x: Tensor, y: Tensor) -> None:
+        """The start of an iteration: d, e from ``noise_init`` (no draw when eps = 0)."""
+        if self.config.eps > 0:
+            with torch.no_grad():
+                self.noise_init(self.state.noise_w, self.state.noise_b, self.config.eps)
+
+    def noise_ascent(self, x: Tensor, y: Tensor) -> None:
+        """``steps`` signed-gradient ascent steps on the drawn d, e."""
         cfg, state = self.config, self.state
-        with torch.no_grad():
-            self.noise_init(state.noise_w, state.noise_b, cfg.eps)
         lr = cfg.eps / cfg.steps
         noise_w, noise_b = state.noise_w.requires_grad_(True), state.noise_b.requires_grad_(True)
         mask = state.mask.detach()
@@ -188,27 +205,45 @@ class ANPEngine:
             self.state.use_clean()
         return grad
 
-    @torch.no_grad()
     def update(self, grad: Tensor) -> None:
-        """SGD with momentum on the flat mask, then clamp to [0, 1]."""
+        """SGD with momentum on the flat mask, then clamp to [0, 1]; counts the iteration."""
+        self._apply_update(grad)
+        self.iteration += 1
+
+    @torch.no_grad()
+    def _apply_update(self, grad: Tensor) -> None:
         cfg = self.config
         self.momentum_buffer.mul_(cfg.momentum).add_(grad)
         self.state.mask.add_(self.momentum_buffer, alpha=-cfg.lr).clamp_(0.0, 1.0)
-        self.iteration += 1
 
-    def step(self, x: Tensor, y: Tensor) -> Tensor:
-        """One ANP iteration on the batch (x, y); returns the mask loss (a detached device tensor)."""
-        x, y = self.prepare(x, y)
+    def body(self, x: Tensor, y: Tensor) -> Tensor:
+        """An iteration after the noise draw: noise ascent, mask loss and gradient, mask update; no host
+        synchronisation and no Python state that changes between iterations (what a CUDA graph captures).
+        Returns the mask loss, detached; does not count the iteration."""
         if self.config.eps > 0:
-            self.noise_step(x, y)
+            self.noise_ascent(x, y)
         try:
             loss = self.mask_loss(x, y)
         except BaseException:
             self.state.mask.requires_grad_(False)
             self.state.use_clean()
             raise
-        self.update(self.mask_grad(loss))
+        self._apply_update(self.mask_grad(loss))
         return loss.detach()
+
+    def run_uncaptured(self, x: Tensor, y: Tensor) -> Tensor:
+        """One iteration on a prepared batch, op by op."""
+        self.draw(x, y)
+        loss = self.body(x, y)
+        self.iteration += 1
+        return loss
+
+    def step(self, x: Tensor, y: Tensor) -> Tensor:
+        """One ANP iteration on the batch (x, y); returns the mask loss (a detached device tensor)."""
+        x, y = self.prepare(x, y)
+        if self.graphs is not None:
+            return self.graphs.step(x, y)
+        return self.run_uncaptured(x, y)
 
     def masks(self) -> Dict[str, Tensor]:
         """``{qualified name of the layer in the ORIGINAL model: 1-D mask}`` (copies)."""

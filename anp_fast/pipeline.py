@@ -134,9 +134,11 @@ def make_out(out: str) -> None:
         raise ConfigError(f"cannot create the output directory {out}: {exc.strerror}") from exc
 
 
-def check_device(device: Optional[str]) -> None:
+def check_device(device: Optional[str], cuda_graphs: bool = False) -> None:
     if device and device.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"--device {device}: no CUDA GPU is available on this machine")
+    if cuda_graphs and not (device or "").startswith("cuda"):
+        raise ConfigError("--cuda-graphs needs --device cuda (CUDA graphs replay GPU work only)")
 
 
 @dataclass
@@ -278,7 +280,7 @@ def run_purify(*, arch: str, checkpoint: str, data: str, out: str, config: ANPCo
         raise ConfigError(f"--holdout-fraction {holdout_fraction}: must be in [0, 1)")
     if (clean_fraction is None) == (clean_count is None):
         clean_fraction = 0.01 if clean_count is None else clean_fraction
-    check_device(config.device)
+    check_device(config.device, config.cuda_graphs)
     state_path = os.path.join(out, STATE_FILE)
     resume = resume and os.path.exists(state_path)
     check_out(out, PURIFY_OUTPUTS, overwrite, resume)

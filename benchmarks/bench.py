@@ -32,15 +32,18 @@ TOKENS = {
     "eager": ("compile", False), "compile": ("compile", True),
     "fp32": ("precision", "fp32"), "bf16": ("precision", "bf16"), "mixed": ("precision", "mixed"),
     "unfused": ("fused_kernels", False), "fused": ("fused_kernels", True),
+    "graphs": ("cuda_graphs", True),
 }
-BASE = dict(channels_last=False, merge_passes=False, compile=False, precision="fp32", fused_kernels=False)
+BASE = dict(channels_last=False, merge_passes=False, compile=False, precision="fp32", fused_kernels=False,
+            cuda_graphs=False)
 DEFAULT_MODES = ["published", "nchw", "cl", "nchw+merged", "cl+compile", "cl+bf16", "cl+mixed", "cl+bf16+compile"]
 
 
 def parse_mode(mode: str):
     """None for "published" (the eager published loop), else the engine config of a mode written as
     '+'-joined tokens over NCHW / separate passes / eager / fp32 / eager ops: nchw|cl, sep|merged,
-    eager|compile, fp32|bf16|mixed, unfused|fused (the fused kernels; e.g. "cl+bf16+fused")."""
+    eager|compile, fp32|bf16|mixed, unfused|fused (the fused kernels; e.g. "cl+bf16+fused"), and graphs
+    (CUDA graph replay of the iteration)."""
     if mode == "published":
         return None
     config = dict(BASE)
@@ -59,7 +62,7 @@ def describe(mode: str) -> str:
     return (f"engine: {'channels_last' if c['channels_last'] else 'NCHW'}, "
             f"{'merged' if c['merge_passes'] else 'separate'} passes, "
             f"{'compiled' if c['compile'] else 'eager'}, {c['precision']}"
-            f"{', fused kernels' if c['fused_kernels'] else ''}")
+            f"{', fused kernels' if c['fused_kernels'] else ''}{', CUDA graphs' if c['cuda_graphs'] else ''}")
 
 
 def build_model(name: str, num_classes: int = 10):

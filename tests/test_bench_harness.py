@@ -11,8 +11,10 @@ from anp_fast_bench import bench
 def test_parse_mode():
     assert bench.parse_mode("published") is None
     assert bench.parse_mode("cl+bf16+compile") == dict(channels_last=True, merge_passes=False, compile=True,
-                                                       precision="bf16", fused_kernels=False)
+                                                       precision="bf16", fused_kernels=False, cuda_graphs=False)
     assert bench.parse_mode("nchw+fused")["fused_kernels"] is True
+    assert bench.parse_mode("cl+graphs")["cuda_graphs"] is True
+    assert "CUDA graphs" in bench.describe("cl+graphs")
     with pytest.raises(ValueError, match="unknown token 'fast'"):
         bench.parse_mode("cl+fast")
 
@@ -44,6 +46,17 @@ def test_bench_profile_phases(tmp_path, capsys):
     for phase in ("noise step", "mask forward", "mask backward", "update"):
         assert f"| {phase} |" in out
     assert json.loads(trace.read_text())["traceEvents"]
+
+
+def test_timed_run_writes_a_record(tmp_path, capsys):
+    from anp_fast_bench import timed_run
+
+    assert timed_run.main(["--model", "digits_resnet18", "--batch", "8", "--iters", "3", "--clean", "20",
+                           "--device", "cpu", "--out", str(tmp_path)]) == 0
+    record = json.loads(next(tmp_path.glob("digits_resnet18_b8_cpu_run3_*.json")).read_text())
+    assert record["iters"] == 3 and record["total_s"] >= record["loop_s"] > 0
+    assert record["config"]["batch_size"] == 8 and record["env"]["torch"]
+    assert "3 iterations" in capsys.readouterr().out
 
 
 def test_memory_probe_runs():

@@ -1,6 +1,8 @@
 """The Triton perturbed layer norm (under the interpreter on the CPU) against the eager op: output and the
 input / coefficient / affine gradients, odd feature counts, several trailing shapes, G = 1 and 2, fp32 and
 bf16, plus opcheck of its custom ops."""
+import os
+
 import pytest
 import torch
 
@@ -9,6 +11,8 @@ from anp_fast.ops import eager
 
 OP = "perturbed_layer_norm"
 pytestmark = pytest.mark.skipif("triton" not in ops.backends(OP), reason="Triton is not installed")
+# under the interpreter (conftest, on machines without a GPU) Triton reads CPU tensors; compiled, GPU ones
+DEVICE = "cpu" if os.environ.get("TRITON_INTERPRET") == "1" or not torch.cuda.is_available() else "cuda"
 
 
 def _run(fn, x, shape, scale, shift, cw, cb, dy):
@@ -35,9 +39,10 @@ def test_triton_layer_norm_matches_eager(dtype, xshape, shape, groups):
     dy = torch.randn(xshape, generator=gen, dtype=torch.float64)
     xq, dyq = x.to(dtype), dy.to(dtype)
     params = [t.float() for t in (scale, shift, cw, cb)]
+    on = lambda ts: [t.to(DEVICE) for t in ts]  # noqa: E731
     ref64 = _run(eager.perturbed_layer_norm, xq.double(), shape, *[p.double() for p in params], dyq.double())
     ref = _run(eager.perturbed_layer_norm, xq, shape, *params, dyq)
-    got = _run(ops.implementation(OP, "triton"), xq, shape, *params, dyq)
+    got = [t.cpu() for t in _run(ops.implementation(OP, "triton"), *on([xq]), shape, *on(params), *on([dyq]))]
     floor = 1e-5 if dtype == torch.float32 else 2.0 ** -8
     for name, r64, r, g in zip(["y", "dx", "dscale", "dshift", "dcoef_w", "dcoef_b"], ref64, ref, got):
         assert g.dtype == r.dtype and g.shape == r.shape, name
@@ -50,9 +55,9 @@ def test_triton_layer_norm_matches_eager(dtype, xshape, shape, groups):
 def test_layer_norm_opcheck():
     fwd, bwd = ops.custom_ops("triton", OP)
     gen = torch.Generator().manual_seed(0)
-    x = torch.randn(6, 9, generator=gen).requires_grad_()
-    a = (torch.rand(2, 9, generator=gen) + 0.5).requires_grad_()
-    b = torch.randn(2, 9, generator=gen).requires_grad_()
+    x = torch.randn(6, 9, generator=gen).to(DEVICE).requires_grad_()
+    a = (torch.rand(2, 9, generator=gen) + 0.5).to(DEVICE).requires_grad_()
+    b = torch.randn(2, 9, generator=gen).to(DEVICE).requires_grad_()
     torch.library.opcheck(fwd, (x, a, b, 1e-5))
     y, mean, rstd = fwd(x.detach(), a.detach(), b.detach(), 1e-5)
-    torch.library.opcheck(bwd, (torch.randn(6, 9, generator=gen), x.detach(), a.detach(), mean, rstd))
+    torch.library.opcheck(bwd, (torch.randn(6, 9, generator=gen).to(DEVICE), x.detach(), a.detach(), mean, rstd))

@@ -190,6 +190,12 @@ def test_gpu_requested_where_there_is_none(tmp_path, tiny_cifar, tiny_checkpoint
                     "--out", str(tmp_path / "o")], "no CUDA GPU")
 
 
+def test_cuda_graphs_without_a_cuda_device(tmp_path, tiny_cifar, tiny_checkpoint, capsys):
+    _fails(capsys, ["purify", *TINY, "--checkpoint", tiny_checkpoint, "--data", tiny_cifar, "--cuda-graphs",
+                    "--out", str(tmp_path / "o")], "--cuda-graphs needs --device cuda")
+    assert not (tmp_path / "o").exists()
+
+
 def test_existing_results_are_never_overwritten_silently(tmp_path, tiny_cifar, tiny_checkpoint, capsys):
     out = tmp_path / "out"
     argv = ["purify", *TINY, "--checkpoint", tiny_checkpoint, "--data", tiny_cifar, "--out", str(out)]
