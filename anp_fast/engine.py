@@ -55,8 +55,9 @@ class ANPEngine:
 
     ``step(x, y)`` runs one iteration of the published loop (ANP.md): draw d, e; ``steps`` signed-gradient
     ascent steps on them; the mask step on alpha * CE(clean) + (1 - alpha) * CE(perturbed); SGD with
-    momentum on the flat mask, clamped to [0, 1]. The phases are public (``noise_step``, ``mask_loss``,
-    ``mask_grad``, ``update``) so profilers and other front ends can drive them one by one.
+    momentum on the flat mask, clamped to [0, 1]. The phases are public (``noise_step`` = ``draw`` +
+    ``noise_ascent``, ``mask_loss``, ``mask_grad``, ``update``) so profilers and other front ends can drive
+    them one by one; ``body`` is everything after the draw, the part a CUDA graph replays (``cuda_graphs``).
 
     ``noise_init(noise_w, noise_b, eps)`` fills the flat noise tensors in place at the start of each
     iteration; the default draws U(-eps, eps) from a generator seeded by ``config.seed``. Pass your own to
@@ -93,7 +94,8 @@ class ANPEngine:
         self.graphs: Optional[StepGraph] = None
         if cfg.cuda_graphs:
             if not on_gpu:
-                raise ConfigError(f"ANPConfig.cuda_graphs=True needs a CUDA device; this engine runs on {self.device}")
+                raise ConfigError("ANPConfig.cuda_graphs=True needs a CUDA device; this engine runs on "
+                                  f"{self.device}")
             self.graphs = StepGraph(self)
 
     def _set_mode(self) -> None:

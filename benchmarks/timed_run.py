@@ -59,7 +59,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.out:
         os.makedirs(args.out, exist_ok=True)
         stamp = time.strftime("%Y%m%d-%H%M%S")
-        path = os.path.join(args.out, f"{args.model}_b{args.batch}_{args.device.split(':')[0]}_run{args.iters}_{stamp}.json")
+        device_type = args.device.split(":")[0]
+        path = os.path.join(args.out, f"{args.model}_b{args.batch}_{device_type}_run{args.iters}_{stamp}.json")
         with open(path, "w") as f:
             json.dump(record, f, indent=2)
         print(f"wrote {path}")
