@@ -113,7 +113,7 @@ class ANPEngine:
         return self.model.state
 
     def _autocast(self, low_precision: bool):
-        # No cast cache under CUDA graphs: a cached cast made during capture would outlive its graph pool.
+        # no cast cache under CUDA graphs, as PyTorch's notes on graphs ask (frozen weights are not cached anyway)
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=low_precision,
                               cache_enabled=not self.config.cuda_graphs)
 

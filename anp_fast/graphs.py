@@ -9,9 +9,15 @@ The noise draw itself stays outside the graph: it is two launches, it keeps draw
 generator exactly as without graphs (so a run with graphs draws the same noise, and resumes restore it with
 ``generator.set_state`` as usual), and a user's ``noise_init`` (replayed draws) may do anything.
 
-The first ``warmup`` iterations run uncaptured on a side stream (they are real iterations: the autograd
-engine, cuDNN/cuBLAS handles, torch.compile and Triton autotuning all settle there, as capture requires).
-A batch of another shape, layout or dtype than the captured one runs uncaptured.
+Each batch signature (shape, strides, dtype) gets its own graph, captured after ``warmup`` uncaptured runs of
+that signature (real iterations: the autograd engine, cuDNN plans, cuBLAS workspaces, torch.compile and
+Triton autotuning settle there, as capture requires). Warm-up and capture use ONE side stream, as
+``torch.cuda.make_graphed_callables`` does: state kept per (handle, stream) is then made before the capture.
+At most ``max_graphs`` signatures are captured (each graph keeps its own memory pool); others run uncaptured.
+
+A graph keeps what it saw at capture: the config's numbers (lr, eps, alpha, ...), the model's modes and the
+addresses of the mask, noise, momentum and weights. They are updated in place (``load_state_dict`` copies into
+them); do not replace them, move the model or change the config of an engine that has captured.
 
 The graph is made by ``graph_factory`` (default: :class:`CudaGraph`); a stand-in that records the body and
 calls it on replay lets the CPU tests check that capture-and-replay computes what the plain step does.
@@ -19,22 +25,23 @@ calls it on replay lets the CPU tests check that capture-and-replay computes wha
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, Optional, Tuple
+from typing import Callable, Dict, Optional, Tuple
 
 import torch
 from torch import Tensor
 
 
 class CudaGraph:
-    """``torch.cuda.CUDAGraph`` with the capture recipe of the PyTorch docs (warm-up elsewhere)."""
+    """``torch.cuda.CUDAGraph`` captured on the given stream (the one the warm-up ran on)."""
 
-    def __init__(self, device: torch.device):
-        self.device = device
+    def __init__(self, device: torch.device, stream=None):
+        self.device, self.stream = device, stream
         self.graph = torch.cuda.CUDAGraph()
 
     def capture(self, body: Callable[[], None]) -> None:
         # thread_local: a DataLoader's pin-memory thread may call into CUDA while we capture.
-        with torch.cuda.device(self.device), torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
+        with torch.cuda.device(self.device), torch.cuda.graph(self.graph, stream=self.stream,
+                                                              capture_error_mode="thread_local"):
             body()
 
     def replay(self) -> None:
@@ -42,35 +49,51 @@ class CudaGraph:
 
 
 @contextlib.contextmanager
-def _side_stream(device: torch.device):
-    """Run the block on a fresh side stream, ordered after the current stream's work and before its next."""
-    current = torch.cuda.current_stream(device)
-    side = torch.cuda.Stream(device)
-    side.wait_stream(current)
-    with torch.cuda.stream(side):
+def _on_stream(stream):
+    """Run the block on ``stream``, ordered after the current stream's work and before its next (also when
+    the block raises: a Ctrl-C handler's copies must not race the block's kernels)."""
+    if stream is None:
         yield
-    current.wait_stream(side)
+        return
+    current = torch.cuda.current_stream(stream.device)
+    stream.wait_stream(current)
+    try:
+        with torch.cuda.stream(stream):
+            yield
+    finally:
+        current.wait_stream(stream)
+
+
+class _Captured:
+    """One signature's graph and static buffers."""
+
+    def __init__(self, graph, x: Tensor, y: Tensor, loss: Tensor):
+        self.graph, self.x, self.y, self.loss = graph, x, y, loss
 
 
 class StepGraph:
     """Capture-once, replay-every-iteration driver of one engine's iterations.
 
-    ``engine`` provides ``draw(x, y)`` (the noise draw, eager), ``body(x, y) -> loss`` (the rest of the
-    iteration, no host synchronisation, no iteration counter), ``iteration`` and ``run_uncaptured(x, y)``.
+    ``engine`` provides ``device``, ``draw(x, y)`` (the noise draw, eager), ``body(x, y) -> loss`` (the rest of
+    the iteration, no host synchronisation, no iteration counter), ``iteration`` and ``run_uncaptured(x, y)``.
+    ``graph_factory(device, stream)`` makes a graph with ``capture(body)`` and ``replay()``.
     """
 
-    def __init__(self, engine, warmup: int = 2,
-                 graph_factory: Optional[Callable[[torch.device], object]] = None):
+    def __init__(self, engine, warmup: int = 2, max_graphs: int = 2,
+                 graph_factory: Optional[Callable[..., object]] = None):
         self.engine = engine
         self.warmup = warmup
+        self.max_graphs = max_graphs
         self.graph_factory = graph_factory if graph_factory is not None else CudaGraph
-        self.graph = None
-        self.warmed = 0
+        self.stream = torch.cuda.Stream(engine.device) if engine.device.type == "cuda" else None
+        self.graphs: Dict[Tuple, _Captured] = {}
+        self.warmed: Dict[Tuple, int] = {}
         self.replays = 0
-        self._x: Optional[Tensor] = None
-        self._y: Optional[Tensor] = None
-        self._loss: Optional[Tensor] = None
-        self._signature: Optional[Tuple] = None
+
+    @property
+    def graph(self):
+        """The graph of the first captured signature (None before any capture)."""
+        return next(iter(self.graphs.values())).graph if self.graphs else None
 
     @staticmethod
     def _signature_of(x: Tensor, y: Tensor) -> Tuple:
@@ -82,37 +105,32 @@ class StepGraph:
             x = x.contiguous()  # static buffers take the batch's strides: no overlapping or gapped ones
         y = y.contiguous()
         signature = self._signature_of(x, y)
-        if self.graph is None and self.warmed < self.warmup:
-            self.warmed += 1
-            on_gpu = engine.device.type == "cuda"
-            with _side_stream(engine.device) if on_gpu else contextlib.nullcontext():
-                return engine.run_uncaptured(x, y)
-        if self.graph is None:
-            self._capture(x, y, signature)
-        elif signature != self._signature:
-            return engine.run_uncaptured(x, y)
-        self._x.copy_(x)
-        self._y.copy_(y)
-        engine.draw(self._x, self._y)
-        self.graph.replay()
+        captured = self.graphs.get(signature)
+        if captured is None:
+            warmed = self.warmed.get(signature, 0)
+            if warmed < self.warmup or len(self.graphs) >= self.max_graphs:
+                self.warmed[signature] = warmed + 1
+                with _on_stream(self.stream):
+                    return engine.run_uncaptured(x, y)
+            captured = self.graphs[signature] = self._capture(x, y)
+        captured.x.copy_(x)
+        captured.y.copy_(y)
+        engine.draw(captured.x, captured.y)
+        captured.graph.replay()
         self.replays += 1
         engine.iteration += 1
-        return self._loss.clone()
+        return captured.loss.clone()
 
-    def _capture(self, x: Tensor, y: Tensor, signature: Tuple) -> None:
+    def _capture(self, x: Tensor, y: Tensor) -> _Captured:
         engine = self.engine
         # the batch's own strides (a layout change could change the kernels picked, and their rounding)
-        self._x = torch.empty_strided(x.shape, x.stride(), dtype=x.dtype, device=x.device)
-        self._y = torch.empty_strided(y.shape, y.stride(), dtype=y.dtype, device=y.device)
-        self._loss = torch.zeros((), device=engine.device, dtype=torch.float32)
-        self._x.copy_(x)  # real values in the static batch (a capture reads none, but nothing is left undefined)
-        self._y.copy_(y)
-        graph = self.graph_factory(engine.device)
+        static_x = torch.empty_strided(x.shape, x.stride(), dtype=x.dtype, device=x.device).copy_(x)
+        static_y = torch.empty_strided(y.shape, y.stride(), dtype=y.dtype, device=y.device).copy_(y)
+        loss = torch.zeros((), device=engine.device, dtype=torch.float32)
+        graph = self.graph_factory(engine.device, self.stream)
 
         def body():
-            self._loss.copy_(engine.body(self._x, self._y))
+            loss.copy_(engine.body(static_x, static_y))
 
         graph.capture(body)
-        self.graph, self._signature = graph, signature
-        if engine.device.type == "cuda":  # the warm-up's cached blocks: the graph has its own pool now
-            torch.cuda.empty_cache()
+        return _Captured(graph, static_x, static_y, loss)

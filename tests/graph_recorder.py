@@ -53,9 +53,9 @@ class _Recorder(TorchDispatchMode):
 
 
 class RecordingGraph:
-    """Made with a device (ignored), like :class:`anp_fast.graphs.CudaGraph`."""
+    """Made with a device and a stream (both ignored), like :class:`anp_fast.graphs.CudaGraph`."""
 
-    def __init__(self, device=None):
+    def __init__(self, device=None, stream=None):
         self.ops = None
         self.captures = 0
 
