@@ -65,7 +65,13 @@ def _backward_kernel(dy_ptr, x_ptr, dx_ptr, a_ptr, mean_ptr, rstd_ptr, pa_ptr, p
     tl.store(pb_ptr + (g * n_prog + p) * D + d, acc_b, mask=m)
 
 
-MAX_D = 65536
+MAX_D = 8192  # wider rows go to the eager op: a row lives in registers, and past this the backward spills
+
+
+def _warps(block_d: int, per_warp: int) -> int:
+    """Warps for a program holding rows of block_d: enough that no thread keeps more than a few arrays' worth
+    of ~per_warp/32 values in registers (checked for spills by tests/triton_aot.py)."""
+    return min(16, max(4, block_d // per_warp))
 
 
 def forward(x, a, b, eps):
@@ -76,8 +82,9 @@ def forward(x, a, b, eps):
     mean = torch.empty(R, device=x.device, dtype=torch.float32)
     rstd = torch.empty_like(mean)
     if R:
+        block_d = triton.next_power_of_2(D)
         _forward_kernel[(R,)](x, y, a.float().contiguous(), b.float().contiguous(), mean, rstd, D, R // G, eps,
-                              BLOCK_D=triton.next_power_of_2(D))
+                              BLOCK_D=block_d, num_warps=_warps(block_d, 512))
     return y, mean, rstd
 
 
@@ -94,6 +101,7 @@ def backward(dy, x, a, mean, rstd):
     pa = torch.zeros(G, progs, D, device=x.device, dtype=torch.float32)
     pb = torch.zeros_like(pa)
     if R:
+        block_d = triton.next_power_of_2(D)
         _backward_kernel[(G, progs)](dy, x, dx, a.float().contiguous(), mean, rstd, pa, pb, D, rows_per_group,
-                                     rows_per_prog, BLOCK_D=triton.next_power_of_2(D))
+                                     rows_per_prog, BLOCK_D=block_d, num_warps=_warps(block_d, 512))
     return dx, pa.sum(1), pb.sum(1)
