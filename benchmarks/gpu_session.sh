@@ -3,7 +3,8 @@
 #
 #   bash benchmarks/gpu_session.sh build      # install (CPU + CUDA extensions for this GPU), GPU tests
 #   bash benchmarks/gpu_session.sh ops        # fused batch norm vs ATen/cuDNN, bandwidth vs a D2D copy
-#   bash benchmarks/gpu_session.sh r18        # engine modes vs the published loop, CIFAR ResNet-18, batch 128
+#   bash benchmarks/gpu_session.sh r18        # fp32 engine modes vs the published loop, CIFAR ResNet-18, batch 128
+#   bash benchmarks/gpu_session.sh r18-lowp   # the same in bf16 and mixed, with peak memory
 #   bash benchmarks/gpu_session.sh r50        # torchvision ResNet-50, 224x224, batch 128, bf16 modes
 #   bash benchmarks/gpu_session.sh r50-run    # 2000 ANP iterations of ResNet-50 (issue 3's 3-minute target)
 #
@@ -33,6 +34,10 @@ print("torch", torch.__version__, "| device", torch.cuda.get_device_name(), "| b
 EOF
 }
 
+case "$stage" in
+  build|ops|r18|r18-lowp|r50|r50-run) ;;
+  *) echo "unknown stage $stage (build | ops | r18 | r18-lowp | r50 | r50-run)" >&2; exit 2 ;;
+esac
 install
 case "$stage" in
   build)
@@ -46,12 +51,17 @@ case "$stage" in
     $PY -m anp_fast_bench.ops_bench --device cuda --out "$out" 2>&1 | tee "$out/ops.log" | tail -40
     ;;
   r18)
+    anp-fast bench --device cuda --model cifar_resnet18 --batch 128 --rounds 5 --iters 5 --warmup 3 --no-memory \
+      --modes published,cl,cl+merged+fused,cl+merged+compile,cl+merged+compile+fused,cl+merged+compile+fused+graphs \
+      --out "$out" 2>&1 | tee "$out/r18.log" | tail -15
+    ;;
+  r18-lowp)
     anp-fast bench --device cuda --model cifar_resnet18 --batch 128 --rounds 5 --iters 5 --warmup 3 \
-      --modes published,cl,cl+merged,cl+merged+fused,cl+merged+compile,cl+merged+compile+fused,cl+merged+compile+fused+graphs,cl+merged+fused+graphs,cl+bf16+merged+compile+fused,cl+bf16+merged+compile+fused+graphs,cl+mixed+merged+compile+fused+graphs \
-      --out "$out" 2>&1 | tee "$out/r18.log" | tail -25
+      --modes published,cl+bf16+merged+fused,cl+bf16+merged+compile+fused+graphs,cl+mixed+merged+compile+fused+graphs \
+      --out "$out" 2>&1 | tee "$out/r18_lowp.log" | tail -15
     ;;
   r50)
-    anp-fast bench --device cuda --model tv_resnet50 --batch 128 --rounds 3 --iters 3 --warmup 3 \
+    anp-fast bench --device cuda --model tv_resnet50 --batch 128 --rounds 3 --iters 3 --warmup 3 --no-memory \
       --modes published,cl+merged+fused,cl+bf16+merged+fused,cl+bf16+merged+compile+fused,cl+bf16+merged+compile+fused+graphs \
       --out "$out" 2>&1 | tee "$out/r50.log" | tail -25
     ;;
@@ -59,6 +69,4 @@ case "$stage" in
     $PY -m anp_fast_bench.timed_run --model tv_resnet50 --batch 128 --iters 2000 --device cuda \
       --precision bf16 --compile --cuda-graphs --out "$out" 2>&1 | tee "$out/r50_run.log" | tail -15
     ;;
-  *)
-    echo "unknown stage $stage (build | ops | r18 | r50 | r50-run)" >&2; exit 2 ;;
 esac
