@@ -174,10 +174,11 @@ def run(model_name="cifar_resnet18", batch=128, modes=None, rounds=5, iters=1, w
 
 
 def profile(model_name="cifar_resnet18", batch=128, mode="cl", rounds=5, warmup=2, device="cpu", seed=0,
-            trace: Optional[str] = None, log=print) -> Dict:
+            trace: Optional[str] = None, top_ops: int = 0, log=print) -> Dict:
     """Break one engine iteration into its phases (noise step, mask forward, mask backward, update), timed
-    with synchronisation; medians over ``rounds``. ``trace``: also write a torch.profiler (Chrome) trace of
-    one iteration there."""
+    with synchronisation; medians over ``rounds``. ``top_ops``: also profile one iteration with torch.profiler
+    and report the ops with the most self time and the convolutions' share. ``trace``: also write a
+    torch.profiler (Chrome) trace of one iteration there."""
     from anp_fast import ANPConfig, ANPEngine
 
     config = parse_mode(mode)
@@ -213,16 +214,34 @@ def profile(model_name="cifar_resnet18", batch=128, mode="cl", rounds=5, warmup=
         iteration(True)
     med = {k: statistics.median(v) for k, v in phases.items()}
     total = sum(med.values())
-    if trace:
+    result = {"model": model_name, "batch": batch, "mode": mode, "phases_s": med, "total_s": total}
+    if trace or top_ops:
         from torch.profiler import ProfilerActivity
         from torch.profiler import profile as torch_profile
 
-        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-        with torch_profile(activities=activities, record_shapes=True) as prof:
+        on_gpu = device.type == "cuda"
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_gpu else [])
+        with torch_profile(activities=activities, record_shapes=bool(trace)) as prof:
             iteration(False)
-        prof.export_chrome_trace(trace)
-        log(f"wrote the trace of one iteration to {trace}")
-    return {"model": model_name, "batch": batch, "mode": mode, "phases_s": med, "total_s": total}
+        if trace:
+            prof.export_chrome_trace(trace)
+            log(f"wrote the trace of one iteration to {trace}")
+        if top_ops:
+            result["ops"] = _op_table(prof, on_gpu, top_ops)
+    return result
+
+
+def _op_table(prof, on_gpu: bool, top: int) -> Dict:
+    """Self time per op of a profiled iteration (device time on a GPU), the ``top`` largest, and the share of
+    every op whose name says convolution: on the CPU the floor that no norm kernel can move."""
+    attr = "self_device_time_total" if on_gpu else "self_cpu_time_total"
+    events = [(e.key, getattr(e, attr, 0) / 1e6, e.count) for e in prof.key_averages()]
+    events = [e for e in events if e[1] > 0]
+    total = sum(t for _, t, _ in events)
+    conv = sum(t for k, t, _ in events if "conv" in k.lower())
+    ranked = sorted(events, key=lambda e: -e[1])[:top]
+    return {"total_s": total, "conv_s": conv, "conv_share": conv / total if total else 0.0,
+            "top": [{"op": k, "s": t, "calls": n} for k, t, n in ranked]}
 
 
 def format_profile(result: Dict) -> str:
@@ -230,6 +249,11 @@ def format_profile(result: Dict) -> str:
              f"{result['total_s']:.3f} s/iteration", "| phase | s | share |", "|---|---|---|"]
     for name, t in result["phases_s"].items():
         lines.append(f"| {name} | {t:.4f} | {100 * t / result['total_s']:.1f}% |")
+    ops = result.get("ops")
+    if ops:
+        lines += ["", f"profiled iteration: {ops['total_s']:.3f} s of op self time, convolutions {ops['conv_s']:.3f} s "
+                      f"({100 * ops['conv_share']:.1f}%)", "| op | self s | calls |", "|---|---|---|"]
+        lines += [f"| {o['op'][:70]} | {o['s']:.4f} | {o['calls']} |" for o in ops["top"]]
     return "\n".join(lines)
 
 
@@ -349,6 +373,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--profile", metavar="MODE", default=None,
                    help="instead of timing modes, break one iteration of engine MODE into its phases")
     p.add_argument("--trace", default=None, help="with --profile: write a torch.profiler trace here")
+    p.add_argument("--top-ops", type=int, default=0, metavar="N",
+                   help="with --profile: the N ops with the most self time in one profiled iteration, and the "
+                        "convolutions' share")
 
 
 def run_cli(args) -> int:
@@ -362,7 +389,8 @@ def run_cli(args) -> int:
         except ValueError as exc:
             raise SystemExit(f"anp-fast bench: {exc}") from None
         result = profile(args.model, args.batch, args.profile, args.rounds, args.warmup, args.device,
-                         trace=args.trace, log=lambda s: print(s, file=sys.stderr, flush=True))
+                         trace=args.trace, top_ops=args.top_ops,
+                         log=lambda s: print(s, file=sys.stderr, flush=True))
         print(format_profile(result))
         return 0
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]

@@ -40,11 +40,16 @@ def test_bench_cli_writes_results(tmp_path, capsys):
 def test_bench_profile_phases(tmp_path, capsys):
     trace = tmp_path / "trace.json"
     rc = main(["bench", "--model", "digits_resnet18", "--batch", "8", "--profile", "cl", "--rounds", "2",
-               "--warmup", "1", "--trace", str(trace)])
+               "--warmup", "1", "--trace", str(trace), "--top-ops", "5"])
     assert rc == 0
     out = capsys.readouterr().out
     for phase in ("noise step", "mask forward", "mask backward", "update"):
         assert f"| {phase} |" in out
+    assert "convolutions" in out and "| aten::" in out
+    result = bench.profile("digits_resnet18", 8, "cl", rounds=1, warmup=1, top_ops=3, log=lambda s: None)
+    ops = result["ops"]
+    assert len(ops["top"]) == 3 and ops["top"][0]["s"] >= ops["top"][-1]["s"] > 0
+    assert 0 < ops["conv_s"] < ops["total_s"]  # a ResNet spends time in convolutions, and not only there
     assert json.loads(trace.read_text())["traceEvents"]
 
 
