@@ -19,8 +19,9 @@ A graph keeps what it saw at capture: the config's numbers (lr, eps, alpha, ...)
 addresses of the mask, noise, momentum and weights. They are updated in place (``load_state_dict`` copies into
 them); do not replace them, move the model or change the config of an engine that has captured.
 
-The graph is made by ``graph_factory`` (default: :class:`CudaGraph`); a stand-in that records the body and
-calls it on replay lets the CPU tests check that capture-and-replay computes what the plain step does.
+The graph is made by ``graph_factory`` (default: :class:`CudaGraph`); the CPU tests use a stand-in that
+records the body's ops at capture and re-executes them on replay without the body's Python, to check that
+capture-and-replay computes what the plain step does.
 """
 from __future__ import annotations
 
