@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import List, Optional
 
@@ -238,7 +239,11 @@ def _attack(args) -> int:
 
 def _export_digits(args) -> int:
     from .datasets import digits_as_cifar
+    from .pipeline import make_out
 
+    if os.path.exists(args.dir) and not os.path.isdir(args.dir):
+        raise ANPError(f"{args.dir} exists and is not a directory")
+    make_out(args.dir)
     digits_as_cifar(args.dir, seed=args.seed)
     print(f"wrote digits in CIFAR-10 python format under {args.dir}: use --data cifar10:{args.dir}")
     return 0

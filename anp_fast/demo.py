@@ -3,6 +3,7 @@ clean split the attack never touched, and report ACC/ASR before and after."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 import time
@@ -26,7 +27,12 @@ OUTPUTS = ("masks.txt", "summary.json", "sweep.csv", "anp_demo.png", "purified.p
 
 
 def _prepare_out(out: str, overwrite: bool) -> None:
-    os.makedirs(out, exist_ok=True)
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise ANPError(f"--out {out} exists and is not a directory")
+    try:
+        os.makedirs(out, exist_ok=True)
+    except OSError as exc:
+        raise ANPError(f"cannot create the output directory {out}: {exc.strerror}") from None
     present = [f for f in OUTPUTS if os.path.exists(os.path.join(out, f))]
     if not present or overwrite:
         return
@@ -48,6 +54,8 @@ def run_demo(out: str = "anp_demo_out", iters: int = 2000, threshold: float = 0.
     """Run the whole demo and write masks.txt, summary.json, sweep.csv, anp_demo.png, purified.pt into
     ``out``. Returns the summary."""
     config = (config or ANPConfig()).replace(iters=iters, seed=seed)  # validates before anything is written
+    if not math.isfinite(threshold):
+        raise ANPError(f"--threshold {threshold}: must be a finite number (masks lie in [0, 1])")
     _prepare_out(out, overwrite)
     torch.manual_seed(seed)
     t_start = time.perf_counter()

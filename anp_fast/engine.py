@@ -161,7 +161,10 @@ class ANPEngine:
                 state.set_coefficients((mask + noise_w).unsqueeze(0), (1.0 + noise_b).unsqueeze(0))
                 with self._autocast(cfg.precision != "fp32"):
                     loss = -self._cross_entropy(x, y)
-                grad_w, grad_b = torch.autograd.grad(loss, (noise_w, noise_b))
+                # a model whose perturbed layers have no shift (bias-free convs under gates, LayerNorm(bias=False))
+                # never reads noise_b: its gradient is 0 and the bias noise stays as drawn
+                grad_w, grad_b = torch.autograd.grad(loss, (noise_w, noise_b), allow_unused=True,
+                                                     materialize_grads=True)
                 with torch.no_grad():
                     noise_w.add_(grad_w.sign(), alpha=-lr)
                     noise_b.add_(grad_b.sign(), alpha=-lr)

@@ -5,6 +5,7 @@
 """
 from __future__ import annotations
 
+import math
 import os
 from collections import OrderedDict
 from typing import Dict, Mapping
@@ -35,10 +36,29 @@ def load_masks(path) -> Dict[str, Tensor]:
     """Read a mask file (published format; any whitespace separates fields; header optional) into
     ``{layer name: 1-D float32 mask}``, layers in file order."""
     path = os.fspath(path)
+    if os.path.isdir(path):
+        raise MaskFileError(f"mask file {path} is a directory")
     if not os.path.isfile(path):
         raise MaskFileError(f"mask file {path} does not exist")
+    try:
+        rows = _read_rows(path)
+    except UnicodeDecodeError:
+        raise MaskFileError(f"mask file {path} is not text (a checkpoint given as the mask file?)") from None
+    if not rows:
+        raise MaskFileError(f"mask file {path} holds no mask")
+    masks = OrderedDict()
+    for name, layer in rows.items():
+        n = len(layer)
+        if sorted(layer) != list(range(n)):
+            missing = sorted(set(range(max(layer) + 1)) - set(layer))[:5]
+            raise MaskFileError(f"{path}: layer {name} lacks neuron indices {missing}")
+        masks[name] = torch.tensor([layer[i] for i in range(n)], dtype=torch.float32)
+    return masks
+
+
+def _read_rows(path: str) -> "OrderedDict[str, dict]":
     rows: "OrderedDict[str, dict]" = OrderedDict()
-    with open(path) as f:
+    with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
             fields = line.split()
             if not fields:
@@ -54,17 +74,11 @@ def load_masks(path) -> Dict[str, Tensor]:
             except ValueError:
                 raise MaskFileError(f"{path}:{lineno}: neuron index must be an integer and score a number, "
                                     f"found {idx!r} and {score!r}") from None
+            if not math.isfinite(score):
+                raise MaskFileError(f"{path}:{lineno}: the score of neuron {idx} of {name} is {score}, not a "
+                                    "finite number")
             layer = rows.setdefault(name, {})
             if idx in layer:
                 raise MaskFileError(f"{path}:{lineno}: neuron {idx} of {name} appears twice")
             layer[idx] = score
-    if not rows:
-        raise MaskFileError(f"mask file {path} holds no mask")
-    masks = OrderedDict()
-    for name, layer in rows.items():
-        n = len(layer)
-        if sorted(layer) != list(range(n)):
-            missing = sorted(set(range(max(layer) + 1)) - set(layer))[:5]
-            raise MaskFileError(f"{path}: layer {name} lacks neuron indices {missing}")
-        masks[name] = torch.tensor([layer[i] for i in range(n)], dtype=torch.float32)
-    return masks
+    return rows

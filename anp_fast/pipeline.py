@@ -28,6 +28,7 @@ from .fileio import atomic_write_text
 from .maskfile import load_masks, save_masks
 from .pruning import pruned_count, prune, sweep
 from .report import write_csv, write_json
+from .surgery import perturb_model
 
 STATE_FILE = "anp_state.pt"
 COMMAND_FILE = "command.json"
@@ -116,6 +117,20 @@ def parse_prune_rule(text: str) -> Dict:
     raise ConfigError(f"--prune {text!r}: use threshold:T (e.g. threshold:0.2), number:K, fraction:F (0-1) or auto")
 
 
+def check_rule(rule: Dict, budget: float, holdout_fraction: float) -> None:
+    """What can be checked of a pruning rule before anything runs."""
+    if not math.isfinite(budget) or budget < 0:
+        raise ConfigError(f"--budget {budget}: must be a finite number >= 0 (accuracy points)")
+    if rule.get("auto") and holdout_fraction <= 0:
+        raise ConfigError("--prune auto chooses the amount on held-out clean data: give --holdout-fraction > 0, "
+                          "or a fixed rule (threshold:T, number:K, fraction:F)")
+
+
+def check_rule_fits(rule: Dict, neurons: int) -> None:
+    if "number" in rule and rule["number"] > neurons:
+        raise ConfigError(f"--prune number:{rule['number']}: the model has {neurons} perturbable neurons")
+
+
 def check_out(out: str, outputs: Sequence[str], overwrite: bool, resume: bool = False) -> None:
     """Refuse an ``out`` that already holds any of our ``outputs`` unless ``overwrite`` (which only ever replaces
     those files) or ``resume``. Creates nothing: inputs are checked before anything is written."""
@@ -135,6 +150,11 @@ def make_out(out: str) -> None:
 
 
 def check_device(device: Optional[str], cuda_graphs: bool = False) -> None:
+    if device:
+        try:
+            torch.device(device)
+        except (RuntimeError, ValueError):
+            raise ConfigError(f"--device {device!r}: not a device (cpu, cuda, cuda:1, ...)") from None
     if device and device.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"--device {device}: no CUDA GPU is available on this machine")
     if cuda_graphs and not (device or "").startswith("cuda"):
@@ -157,6 +177,9 @@ def load_model_and_data(arch: str, checkpoint: Optional[str], data: str, arch_ar
     from .checkpoint import apply_state_dict, load_state_dict
     from .datasets import load_dataset
 
+    reserved = sorted({"num_classes", "in_channels"} & set(arch_args))
+    if reserved:
+        raise ConfigError(f"--arch-arg {', '.join(reserved)}: set by the data set, not by an --arch-arg")
     splits = load_dataset(data, root=data_root) if data_root else load_dataset(data)
     model = build_arch(arch, num_classes=splits.num_classes, in_channels=splits.in_channels, **arch_args)
     if checkpoint is not None:
@@ -274,17 +297,24 @@ def run_purify(*, arch: str, checkpoint: str, data: str, out: str, config: ANPCo
     rule = parse_prune_rule(prune_rule)
     if rule.get("auto"):
         rule["budget"] = budget
-    if budget < 0:
-        raise ConfigError(f"--budget {budget}: must be >= 0 (accuracy points)")
     if not 0 <= holdout_fraction < 1:
         raise ConfigError(f"--holdout-fraction {holdout_fraction}: must be in [0, 1)")
+    check_rule(rule, budget, holdout_fraction)
+    if save_every < 0:
+        raise ConfigError(f"--save-every {save_every}: must be >= 0 (0: only on Ctrl-C)")
+    if workers < 0:
+        raise ConfigError(f"--workers {workers}: must be >= 0")
     if (clean_fraction is None) == (clean_count is None):
         clean_fraction = 0.01 if clean_count is None else clean_fraction
     check_device(config.device, config.cuda_graphs)
     state_path = os.path.join(out, STATE_FILE)
+    if resume and not os.path.exists(state_path) and any(os.path.exists(os.path.join(out, f)) for f in PURIFY_OUTPUTS):
+        raise ConfigError(f"{out} holds a finished run (no saved state to continue): nothing to resume; choose "
+                          "another --out, or --overwrite to run again there")
     resume = resume and os.path.exists(state_path)
     check_out(out, PURIFY_OUTPUTS, overwrite, resume)
     loaded = load_model_and_data(arch, checkpoint, data, arch_args or {})
+    check_rule_fits(rule, perturb_model(loaded.model, config.layers).state.size)  # and that there is a neuron
     splits = loaded.splits
     if target is not None and not 0 <= target < splits.num_classes:
         raise ConfigError(f"--target {target}: {splits.name} has classes 0-{splits.num_classes - 1}")
@@ -391,10 +421,18 @@ def run_prune(*, arch: str, checkpoint: str, masks_file: str, data: str, out: st
     rule = parse_prune_rule(prune_rule)
     if rule.get("auto"):
         rule["budget"] = budget
+    check_rule(rule, budget, holdout_fraction)
     check_device(device)
     check_out(out, outputs, overwrite)
     loaded = load_model_and_data(arch, checkpoint, data, arch_args or {})
     masks = load_masks(masks_file)
+    check_rule_fits(rule, sum(m.numel() for m in masks.values()))
+    layers = [slot.name for slot in perturb_model(loaded.model).state.slots]
+    uncovered = [name for name in layers if name not in masks]
+    if uncovered:
+        log(f"warning: {masks_file} has masks for {len(layers) - len(uncovered)} of the model's {len(layers)} "
+            f"perturbable layers; {', '.join(uncovered[:4])}{' ...' if len(uncovered) > 4 else ''} will never be "
+            "pruned")
     splits = loaded.splits
     if clean_count is None and clean_fraction is None:
         clean_fraction = 0.01
@@ -438,6 +476,10 @@ def run_attack(*, arch: str, data: str, out: str, trigger: str = "badnets", targ
         raise ConfigError(f"--epochs {epochs}: must be >= 1")
     if not 0 <= poison_rate <= 1:
         raise ConfigError(f"--poison-rate {poison_rate}: must be in [0, 1]")
+    if batch_size < 1:
+        raise ConfigError(f"--batch-size {batch_size}: must be >= 1")
+    if not (math.isfinite(lr) and lr > 0):
+        raise ConfigError(f"--lr {lr}: must be a finite number > 0")
     check_device(device)
     check_out(out, ATTACK_OUTPUTS, overwrite)
     loaded = load_model_and_data(arch, None, data, arch_args or {})

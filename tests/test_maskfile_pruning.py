@@ -99,3 +99,19 @@ def test_sweep_matches_prune():
     for row in rows:
         assert row["out"] == pytest.approx(evaluate(prune(model, masks, threshold=row["threshold"]))["out"])
         assert row["pruned"] == pruned_count(masks, threshold=row["threshold"])
+
+
+def test_non_finite_scores_and_binary_files_are_refused(tmp_path):
+    from anp_fast.errors import MaskFileError
+    from anp_fast.maskfile import load_masks
+
+    nan = tmp_path / "nan.txt"
+    nan.write_text("0 \t bn1 \t 0 \t 0.5000\n1 \t bn1 \t 1 \t nan\n")
+    with pytest.raises(MaskFileError, match=r"nan.txt:2: the score of neuron 1 of bn1 is nan"):
+        load_masks(nan)
+    binary = tmp_path / "model.pt"
+    binary.write_bytes(b"PK\x03\x04\xff\xfe\x00\x80garbage")
+    with pytest.raises(MaskFileError, match="is not text"):
+        load_masks(binary)
+    with pytest.raises(MaskFileError, match="is a directory"):
+        load_masks(tmp_path)

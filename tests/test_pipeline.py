@@ -234,3 +234,56 @@ def test_prune_rules_and_auto_choice():
     assert auto_number(model, masks, evaluator, 0.0) == {"number": 0}
     assert auto_number(model, masks, evaluator, 100.0) == {"number": 150}
     assert len(seen) < 3 * 40  # grid + bisection, not every count
+
+
+# Mistakes found by probing the CLI: each refused up front, in one line, before anything is written or run.
+@pytest.mark.parametrize("extra,message", [
+    (["--prune", "number:4000"], "--prune number:4000: the model has"),
+    (["--holdout-fraction", "0"], "--prune auto chooses the amount on held-out clean data"),
+    (["--budget", "nan"], "--budget nan: must be a finite number"),
+    (["--arch-arg", "num_classes=3"], "--arch-arg num_classes: set by the data set"),
+    (["--device", "foo"], "--device 'foo': not a device"),
+    (["--workers", "-1"], "--workers -1: must be >= 0"),
+    (["--save-every", "-1"], "--save-every -1: must be >= 0"),
+])
+def test_purify_refuses_before_running(tmp_path, tiny_cifar, tiny_checkpoint, capsys, extra, message):
+    _fails(capsys, ["purify", *TINY, "--checkpoint", tiny_checkpoint, "--data", tiny_cifar,
+                    "--out", str(tmp_path / "o"), *extra], message)
+    assert not (tmp_path / "o").exists()
+
+
+def test_resume_of_a_finished_run_says_so(tmp_path, tiny_cifar, tiny_checkpoint, capsys):
+    argv = ["purify", *TINY, "--checkpoint", tiny_checkpoint, "--data", tiny_cifar, "--prune", "threshold:0.2",
+            "--out", str(tmp_path / "o")]
+    assert main(argv) == 0
+    _fails(capsys, ["purify", "--resume", str(tmp_path / "o")], "holds a finished run")
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--lr", "nan"], "--lr nan: must be a finite number > 0"),
+    (["--batch-size", "0"], "--batch-size 0: must be >= 1"),
+])
+def test_attack_refuses_bad_training_values(tmp_path, tiny_cifar, capsys, extra, message):
+    _fails(capsys, ["attack", "--arch", "resnet18", "--arch-arg", "width=4", "--data", tiny_cifar, "--epochs", "1",
+                    "--out", str(tmp_path / "a"), *extra], message)
+    assert not (tmp_path / "a").exists()
+
+
+def test_prune_refuses_a_checkpoint_as_masks_and_warns_of_partial_masks(tmp_path, tiny_cifar, tiny_checkpoint,
+                                                                        capsys):
+    base = ["prune", "--arch", "resnet18", "--arch-arg", "width=4", "--checkpoint", tiny_checkpoint, "--data",
+            tiny_cifar, "--clean-count", "20"]
+    _fails(capsys, base + ["--masks", tiny_checkpoint, "--out", str(tmp_path / "p")], "is not text")
+    partial = tmp_path / "partial.txt"
+    partial.write_text("No \t Layer Name \t Neuron Idx \t Mask Score\n"
+                       + "".join(f"{i} \t bn1 \t {i} \t 0.1000\n" for i in range(4)))
+    assert main(base + ["--masks", str(partial), "--out", str(tmp_path / "p")]) == 0
+    out = capsys.readouterr().out
+    assert "has masks for 1 of the model's 20 perturbable layers" in out
+
+
+def test_export_digits_into_a_file_is_refused(tmp_path, capsys):
+    target = tmp_path / "f.txt"
+    target.write_text("mine")
+    _fails(capsys, ["export-digits", str(target)], "exists and is not a directory")
+    assert target.read_text() == "mine"

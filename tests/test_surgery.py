@@ -126,6 +126,19 @@ def test_gates_forced_on_a_norm_model():
     pm = perturb_model(model, layers="gates")
     convs = [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d)]
     assert [s.name for s in pm.slots] == convs  # all convs; the linear head is left alone
+    # its convs have no bias, so nothing reads the bias noise: the step runs (the autograd error seen once),
+    # the bias-noise gradient is 0 and the noise stays as drawn
+    engine = ANPEngine(model, ANPConfig(layers="gates", batch_size=4))
+    drawn = {}
+
+    def draw(w, b, eps):
+        engine.draw_noise(w, b, eps)
+        drawn["b"] = b.clone()
+    engine.noise_init = draw
+    x, y = torch.randn(4, 3, 8, 8), torch.tensor([0, 1, 2, 3])
+    assert torch.isfinite(engine.step(x, y))
+    assert torch.equal(engine.state.noise_b, drawn["b"]) and float(drawn["b"].abs().max()) > 0
+    assert float((1 - engine.state.mask).abs().max()) > 0
 
 
 def test_nothing_to_perturb_is_a_clear_error():
