@@ -379,6 +379,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run_cli(args) -> int:
+    for name in ("batch", "rounds", "iters", "warmup"):
+        if getattr(args, name) < 1:
+            raise SystemExit(f"anp-fast bench: --{name} {getattr(args, name)}: must be >= 1")
+    if (args.trace or args.top_ops) and not args.profile:
+        raise SystemExit("anp-fast bench: --trace and --top-ops go with --profile MODE")
+    try:
+        build_model(args.model)
+    except ValueError as exc:
+        raise SystemExit(f"anp-fast bench: {exc}") from None
     if getattr(args, "keep_freed_memory", False):
         from anp_fast.cpu_memory import keep_freed_memory
 

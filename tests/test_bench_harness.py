@@ -66,3 +66,12 @@ def test_timed_run_writes_a_record(tmp_path, capsys):
 
 def test_memory_probe_runs():
     assert bench.peak_memory("digits_resnet18", 8, "nchw", "cpu", steps=1) >= 0
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--rounds", "0"], "--rounds 0: must be >= 1"), (["--warmup", "0"], "--warmup 0: must be >= 1"),
+    (["--model", "foo"], "unknown benchmark model 'foo'"), (["--top-ops", "3"], "go with --profile"),
+])
+def test_bench_refuses_bad_arguments(argv, message):
+    with pytest.raises(SystemExit, match=message):
+        main(["bench", *argv])
