@@ -96,6 +96,8 @@ class ANPConfig:
         integer("iters", 1)
         integer("batch_size", 1)
         integer("seed", 0)
+        if self.seed >= 2 ** 63:
+            bad("seed", "must be < 2**63 (torch generators take a 64-bit seed)")
         for field in ("project_noise", "fullgraph", "cuda_graphs"):
             if not isinstance(getattr(self, field), bool):
                 bad(field, "must be True or False")

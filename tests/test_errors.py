@@ -22,6 +22,8 @@ from anp_fast import (ANPConfig, ANPEngine, ConfigError, DataError, DivergenceEr
     ({"train_mode": "eval"}, "train_mode='eval': must be one of all, norms"),
     ({"precision": "fp8"}, "precision='fp8': must be one of fp32"),
     ({"project_noise": "yes"}, "project_noise='yes': must be True or False"),
+    ({"seed": 2 ** 64}, r"seed=18446744073709551616: must be < 2\*\*63"),
+    ({"cuda_graphs": 1}, "cuda_graphs=1: must be True or False"),
 ])
 def test_config_errors(kwargs, match):
     with pytest.raises(ConfigError, match=match):
