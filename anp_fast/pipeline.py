@@ -28,7 +28,7 @@ from .fileio import atomic_write_text
 from .maskfile import load_masks, save_masks
 from .pruning import pruned_count, prune, sweep
 from .report import write_csv, write_json
-from .surgery import perturb_model
+from .surgery import perturbable_layers
 
 STATE_FILE = "anp_state.pt"
 COMMAND_FILE = "command.json"
@@ -314,7 +314,7 @@ def run_purify(*, arch: str, checkpoint: str, data: str, out: str, config: ANPCo
     resume = resume and os.path.exists(state_path)
     check_out(out, PURIFY_OUTPUTS, overwrite, resume)
     loaded = load_model_and_data(arch, checkpoint, data, arch_args or {})
-    check_rule_fits(rule, perturb_model(loaded.model, config.layers).state.size)  # and that there is a neuron
+    check_rule_fits(rule, sum(n for _, n in perturbable_layers(loaded.model, config.layers)))
     splits = loaded.splits
     if target is not None and not 0 <= target < splits.num_classes:
         raise ConfigError(f"--target {target}: {splits.name} has classes 0-{splits.num_classes - 1}")
@@ -427,7 +427,7 @@ def run_prune(*, arch: str, checkpoint: str, masks_file: str, data: str, out: st
     loaded = load_model_and_data(arch, checkpoint, data, arch_args or {})
     masks = load_masks(masks_file)
     check_rule_fits(rule, sum(m.numel() for m in masks.values()))
-    layers = [slot.name for slot in perturb_model(loaded.model).state.slots]
+    layers = [name for name, _ in perturbable_layers(loaded.model)]
     uncovered = [name for name in layers if name not in masks]
     if uncovered:
         log(f"warning: {masks_file} has masks for {len(layers) - len(uncovered)} of the model's {len(layers)} "

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import copy
-from typing import Iterable, List, Optional
+from typing import Iterable, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -52,15 +52,9 @@ def _candidates(model: nn.Module, policy: str, exclude: set):
     return gates, "gates"
 
 
-def perturb_model(model: nn.Module, layers: str = "auto", exclude: Iterable[str] = (),
-                  device: Optional[torch.device] = None) -> PerturbedModel:
-    """A perturbable, frozen deep copy of ``model`` (which is never modified).
-
-    layers: "auto" perturbs every norm layer with an affine scale (BatchNorm, LayerNorm, GroupNorm and their
-    subclasses) if the model has one, else puts channel gates on the outputs of its conv/linear layers
-    (all but the last, which makes the logits); "norms"/"gates" force one kind. ``exclude`` names modules
-    to leave alone. Raises ModelError when nothing can be perturbed.
-    """
+def _discover(model: nn.Module, layers: str, exclude: Iterable[str]):
+    """The (name, module, kind) of every layer to perturb and the policy used; the argument checks and the
+    nothing-to-perturb error of :func:`perturb_model`."""
     if not isinstance(model, nn.Module):
         raise ModelError(f"expected a torch.nn.Module, got {type(model).__name__}")
     if layers not in LAYER_POLICIES:
@@ -75,6 +69,27 @@ def perturb_model(model: nn.Module, layers: str = "auto", exclude: Iterable[str]
                 "gates": "no conv/linear layer to gate (the last one, the classifier, is never gated)",
                 "auto": "no norm layer with an affine scale and no conv/linear layer to gate"}[layers]
         raise ModelError(f"nothing to perturb in {type(model).__name__}: it has {what}")
+    return found, policy
+
+
+def perturbable_layers(model: nn.Module, layers: str = "auto",
+                       exclude: Iterable[str] = ()) -> List[Tuple[str, int]]:
+    """(name, neuron count) of every layer :func:`perturb_model` would make perturbable, without copying the
+    model (what a front end needs to check a pruning amount or a mask file before running anything)."""
+    found, _ = _discover(model, layers, exclude)
+    return [(name, neuron_count(module, kind)) for name, module, kind in found]
+
+
+def perturb_model(model: nn.Module, layers: str = "auto", exclude: Iterable[str] = (),
+                  device: Optional[torch.device] = None) -> PerturbedModel:
+    """A perturbable, frozen deep copy of ``model`` (which is never modified).
+
+    layers: "auto" perturbs every norm layer with an affine scale (BatchNorm, LayerNorm, GroupNorm and their
+    subclasses) if the model has one, else puts channel gates on the outputs of its conv/linear layers
+    (all but the last, which makes the logits); "norms"/"gates" force one kind. ``exclude`` names modules
+    to leave alone. Raises ModelError when nothing can be perturbed.
+    """
+    found, policy = _discover(model, layers, exclude)
     try:
         net = copy.deepcopy(model)
     except Exception as exc:  # a model holding handles that cannot be copied

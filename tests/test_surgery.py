@@ -211,3 +211,12 @@ def test_mixed_norm_kinds():
         torch.testing.assert_close(pm(x), ref(x))
     engine = ANPEngine(model, ANPConfig(batch_size=5))
     assert torch.isfinite(engine.step(x, torch.tensor([0, 1, 2, 0, 1])))
+
+
+def test_perturbable_layers_lists_what_surgery_perturbs_without_copying():
+    from anp_fast.surgery import perturbable_layers
+
+    for model, layers in ((resnet18(10, 3, 4), "auto"), (resnet18(10, 3, 4), "gates"), (NoNorm(), "auto")):
+        assert perturbable_layers(model, layers) == [(s.name, s.size) for s in perturb_model(model, layers).slots]
+    with pytest.raises(ModelError, match="nothing to perturb"):
+        perturbable_layers(nn.Sequential(nn.Flatten(), nn.Linear(4, 2)))
