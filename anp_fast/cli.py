@@ -182,7 +182,6 @@ def _require(args, *names) -> None:
 
 def _purify(args) -> int:
     import json
-    import os
 
     from .pipeline import COMMAND_FILE, run_purify
 
@@ -241,8 +240,6 @@ def _export_digits(args) -> int:
     from .datasets import digits_as_cifar
     from .pipeline import make_out
 
-    if os.path.exists(args.dir) and not os.path.isdir(args.dir):
-        raise ANPError(f"{args.dir} exists and is not a directory")
     make_out(args.dir)
     digits_as_cifar(args.dir, seed=args.seed)
     print(f"wrote digits in CIFAR-10 python format under {args.dir}: use --data cifar10:{args.dir}")

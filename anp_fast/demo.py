@@ -27,12 +27,9 @@ OUTPUTS = ("masks.txt", "summary.json", "sweep.csv", "anp_demo.png", "purified.p
 
 
 def _prepare_out(out: str, overwrite: bool) -> None:
-    if os.path.exists(out) and not os.path.isdir(out):
-        raise ANPError(f"--out {out} exists and is not a directory")
-    try:
-        os.makedirs(out, exist_ok=True)
-    except OSError as exc:
-        raise ANPError(f"cannot create the output directory {out}: {exc.strerror}") from None
+    from .pipeline import make_out
+
+    make_out(out)
     present = [f for f in OUTPUTS if os.path.exists(os.path.join(out, f))]
     if not present or overwrite:
         return

@@ -143,6 +143,8 @@ def check_out(out: str, outputs: Sequence[str], overwrite: bool, resume: bool = 
 
 
 def make_out(out: str) -> None:
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise ConfigError(f"{out} exists and is not a directory")
     try:
         os.makedirs(out, exist_ok=True)
     except OSError as exc:
