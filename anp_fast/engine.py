@@ -141,10 +141,10 @@ class ANPEngine:
 
     def noise_step(self, x: Tensor, y: Tensor) -> None:
         """Draw d, e and take ``steps`` signed-gradient ascent steps on them (the mask held fixed)."""
-        self.draw(x, y)
+        self.draw()
         self.noise_ascent(x, y)
 
-    def draw(self, x: Tensor, y: Tensor) -> None:
+    def draw(self) -> None:
         """The start of an iteration: d, e from ``noise_init`` (no draw when eps = 0)."""
         if self.config.eps > 0:
             with torch.no_grad():
@@ -238,7 +238,7 @@ class ANPEngine:
 
     def run_uncaptured(self, x: Tensor, y: Tensor) -> Tensor:
         """One iteration on a prepared batch, op by op."""
-        self.draw(x, y)
+        self.draw()
         loss = self.body(x, y)
         self.iteration += 1
         return loss

@@ -75,7 +75,7 @@ class _Captured:
 class StepGraph:
     """Capture-once, replay-every-iteration driver of one engine's iterations.
 
-    ``engine`` provides ``device``, ``draw(x, y)`` (the noise draw, eager), ``body(x, y) -> loss`` (the rest of
+    ``engine`` provides ``device``, ``draw()`` (the noise draw, eager), ``body(x, y) -> loss`` (the rest of
     the iteration, no host synchronisation, no iteration counter), ``iteration`` and ``run_uncaptured(x, y)``.
     ``graph_factory(device, stream)`` makes a graph with ``capture(body)`` and ``replay()``.
     """
@@ -116,7 +116,7 @@ class StepGraph:
             captured = self.graphs[signature] = self._capture(x, y)
         captured.x.copy_(x)
         captured.y.copy_(y)
-        engine.draw(captured.x, captured.y)
+        engine.draw()
         captured.graph.replay()
         self.replays += 1
         engine.iteration += 1
