@@ -68,10 +68,10 @@ def _backward_kernel(dy_ptr, x_ptr, dx_ptr, a_ptr, mean_ptr, rstd_ptr, pa_ptr, p
 MAX_D = 8192  # wider rows go to the eager op: a row lives in registers, and past this the backward spills
 
 
-def _warps(block_d: int, per_warp: int) -> int:
-    """Warps for a program holding rows of block_d: enough that no thread keeps more than a few arrays' worth
-    of ~per_warp/32 values in registers (checked for spills by tests/triton_aot.py)."""
-    return min(16, max(4, block_d // per_warp))
+def _warps(block_d: int) -> int:
+    """Warps for a program holding rows of block_d: one per 512 features (4 to 16), so that no thread keeps
+    more than a few arrays of 16 values in registers (checked for spills by tests/triton_aot.py)."""
+    return min(16, max(4, block_d // 512))
 
 
 def forward(x, a, b, eps):
@@ -84,7 +84,7 @@ def forward(x, a, b, eps):
     if R:
         block_d = triton.next_power_of_2(D)
         _forward_kernel[(R,)](x, y, a.float().contiguous(), b.float().contiguous(), mean, rstd, D, R // G, eps,
-                              BLOCK_D=block_d, num_warps=_warps(block_d, 512))
+                              BLOCK_D=block_d, num_warps=_warps(block_d))
     return y, mean, rstd
 
 
@@ -103,5 +103,5 @@ def backward(dy, x, a, mean, rstd):
     if R:
         block_d = triton.next_power_of_2(D)
         _backward_kernel[(G, progs)](dy, x, dx, a.float().contiguous(), mean, rstd, pa, pb, D, rows_per_group,
-                                     rows_per_prog, BLOCK_D=block_d, num_warps=_warps(block_d, 512))
+                                     rows_per_prog, BLOCK_D=block_d, num_warps=_warps(block_d))
     return dx, pa.sum(1), pb.sum(1)
