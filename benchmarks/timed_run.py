@@ -18,7 +18,7 @@ from typing import List, Optional
 
 import torch
 
-from .bench import build_model, environment
+from .bench import environment, workload
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -38,13 +38,8 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise SystemExit("timed_run: --device cuda but no CUDA GPU is available here")
-    torch.manual_seed(0)
-    model, shape = build_model(args.model)
-    g = torch.Generator().manual_seed(0)
-    x = torch.rand(args.clean, *shape, generator=g)
-    y = torch.randint(0, 10, (args.clean,), generator=g)
-    device = torch.device(args.device)
-    model, x, y = model.to(device), x.to(device), y.to(device)
+    model, x, y = workload(args.model, args.clean, torch.device(args.device))  # the clean set: seeded random images
+    shape = tuple(x.shape[1:])
     config = ANPConfig(iters=args.iters, batch_size=args.batch, device=args.device, precision=args.precision,
                        compile=args.compile, cuda_graphs=args.cuda_graphs)
     t0 = time.perf_counter()

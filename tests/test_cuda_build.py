@@ -45,7 +45,7 @@ def build_dir(tmp_path_factory):
         mp.setenv("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
         mp.setenv("MAX_JOBS", "2")
         mp.setattr(cpp_extension, "CUDA_HOME", home)
-        sources = [str(ROOT / "csrc" / "cuda" / "bindings.cpp"), str(ROOT / "csrc" / "cuda" / "perturbed_batch_norm.cu")]
+        sources = [str(ROOT / "csrc" / "cuda" / name) for name in ("bindings.cpp", "perturbed_batch_norm.cu")]
         cpp_extension.load("anp_fast_cuda_build_check", sources, extra_include_paths=[str(ROOT / "csrc")],
                            extra_cflags=["-O2"], extra_cuda_cflags=["-O3"], build_directory=str(out),
                            with_cuda=True, is_python_module=False, verbose=False)
