@@ -1,21 +1,92 @@
-"""Backdoor attacks used to evaluate ANP: BadNets (a fixed patch in a corner) and Blend (the image blended
-with a fixed pattern). Images are float tensors in [0, 1], (N, C, H, W)."""
+"""Backdoor attacks used to evaluate defenses, each with its published trigger rule. Images are float tensors
+in [0, 1], (N, C, H, W); triggers act in that pixel space, before any normalisation.
+
+- ``badnets``: a checkerboard patch stamped in the bottom-right corner (Gu et al. 2017); dirty label.
+- ``patch``: a Trojan-style patch of fixed random values (the fixed "Trojan square" of the NAD/ABL/RNP code, a
+  seeded random pattern here), pasted in the bottom-right corner; dirty label.
+- ``blend``: the image blended with a fixed uniform-noise pattern, weight ``alpha`` (Chen et al. 2017); dirty
+  label.
+- ``sig``: a horizontal sinusoid ``x + delta * sin(2 pi j f / W)`` added and clipped (Barni et al. 2019,
+  BackdoorBench's delta 40/255, f 6); CLEAN label: only target-class images are poisoned, labels kept.
+- ``wanet``: a smooth fixed warping field (Nguyen & Tran 2021: k x k uniform noise normalised by its mean
+  absolute value, bicubic upsampling, ``identity + s * noise / H``, clamped, ``grid_sample`` with
+  align_corners) on dirty-labelled images, plus ``cross_ratio`` times as many "noise mode" images warped by the
+  field plus per-image random noise (``/ H``) that keep their true labels.
+
+The poisoning rate is always the number of poisoned images over ALL training images (as BackdoorBench
+defines it, also for the clean-label SIG). Poisoned training sets are made once, statically (WaNet's
+reference code re-draws its noise-mode images every batch).
+"""
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
-from typing import Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from .errors import ConfigError
 
 
+@dataclass
+class Poisoned:
+    """A poisoned training set: images, labels, the indices given the backdoor and (WaNet) the indices of the
+    noise-mode images that keep their labels."""
+
+    x: Tensor
+    y: Tensor
+    poisoned: Tensor
+    noise: Tensor
+
+
 class Trigger:
+    """A trigger and its poisoning rule. ``apply`` stamps the test-time trigger; ``poison`` makes a training
+    set (dirty label by default: non-target images triggered and relabelled to the target)."""
+
     name = "trigger"
+    clean_label = False
 
     def apply(self, x: Tensor) -> Tensor:
         raise NotImplementedError
+
+    def _candidates(self, y: Tensor, target: int) -> Tensor:
+        return ((y == target) if self.clean_label else (y != target)).nonzero().flatten()
+
+    def poison(self, x: Tensor, y: Tensor, target: int, rate: float, seed: int = 0) -> Poisoned:
+        """Poison ``rate`` of ALL training images (capped by the candidates: non-target images, or the target
+        class for a clean-label trigger). The inputs are not modified."""
+        if not 0 <= rate <= 1:
+            raise ConfigError(f"poisoning rate {rate} must be in [0, 1]")
+        candidates = self._candidates(y, target)
+        g = torch.Generator().manual_seed(seed)
+        order = candidates[torch.randperm(len(candidates), generator=g)]
+        chosen = order[:min(len(candidates), round(rate * len(y)))]
+        x, y = x.clone(), y.clone()
+        if len(chosen):
+            x[chosen] = self.apply(x[chosen])
+        if not self.clean_label:
+            y[chosen] = target
+        return Poisoned(x, y, chosen, torch.zeros(0, dtype=torch.long))
+
+    def describe(self) -> Dict:
+        """The trigger's name and parameters (for reports)."""
+        fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                  if not f.name.startswith("_")} if dataclasses.is_dataclass(self) else {}
+        return {k: (v if isinstance(v, (int, float, str, bool)) or v is None else repr(v)) for k, v in fields.items()}
+
+
+def _corner(x: Tensor, patch: Tensor, margin: int, what: str) -> Tensor:
+    """``patch`` ((C or 1), ph, pw) pasted into the bottom-right corner of every image, ``margin`` px in."""
+    h, w = x.shape[-2:]
+    ph, pw = patch.shape[-2:]
+    if ph + margin > h or pw + margin > w:
+        raise ConfigError(f"a {pw}x{ph} {what} (margin {margin}) does not fit {w}x{h} images")
+    out = x.clone()
+    r0, c0 = h - margin - ph, w - margin - pw
+    out[..., r0:r0 + ph, c0:c0 + pw] = patch.to(x)
+    return out
 
 
 @dataclass
@@ -31,13 +102,25 @@ class BadNets(Trigger):
         return ((i[:, None] + i[None, :]) % 2 == 0).float()
 
     def apply(self, x: Tensor) -> Tensor:
-        h, w = x.shape[-2:]
-        if self.size + self.margin > min(h, w):
-            raise ConfigError(f"a {self.size}px BadNets patch does not fit {h}x{w} images")
-        out = x.clone()
-        r0, c0 = h - self.margin - self.size, w - self.margin - self.size
-        out[..., r0:r0 + self.size, c0:c0 + self.size] = self.pattern().to(x)
-        return out
+        return _corner(x, self.pattern(), self.margin, "BadNets patch")
+
+
+@dataclass
+class RandomPatch(Trigger):
+    """A Trojan-style patch: ``size`` x ``size`` fixed random values per channel (uniform in [0, 1], drawn from
+    ``seed``), pasted in the bottom-right corner ``margin`` pixels in."""
+
+    size: int = 3
+    margin: int = 1
+    seed: int = 4321
+    name: str = "patch"
+
+    def pattern(self, channels: int) -> Tensor:
+        g = torch.Generator().manual_seed(self.seed)
+        return torch.rand(channels, self.size, self.size, generator=g)
+
+    def apply(self, x: Tensor) -> Tensor:
+        return _corner(x, self.pattern(x.shape[-3]), self.margin, "patch trigger")
 
 
 @dataclass
@@ -54,33 +137,86 @@ class Blend(Trigger):
         return (1 - self.alpha) * x + self.alpha * pattern
 
 
-def make_trigger(name: str, **kwargs) -> Trigger:
-    table = {"badnets": BadNets, "blend": Blend}
-    if name not in table:
-        raise ConfigError(f"unknown trigger {name!r}; known: {', '.join(table)}")
-    return table[name](**kwargs)
+@dataclass
+class SIG(Trigger):
+    """x' = clip(x + delta * sin(2 pi j f / W), 0, 1), j the column: vertical stripes, ``f`` periods across the
+    width, the same on every row and channel. Clean label. Defaults: BackdoorBench's (delta 40 of 255, f 6,
+    the same at training and test time); ``test_delta`` gives the test-time trigger its own amplitude (Barni
+    et al. test with a stronger signal than they train with)."""
+
+    delta: float = 40 / 255
+    f: float = 6
+    test_delta: Optional[float] = None
+    name: str = "sig"
+    clean_label = True
+
+    def _signal(self, x: Tensor, delta: float) -> Tensor:
+        w = x.shape[-1]
+        j = torch.arange(w, dtype=torch.float64)
+        return (x + (delta * torch.sin(2 * torch.pi * j * self.f / w)).to(x)).clamp(0, 1)
+
+    def apply(self, x: Tensor) -> Tensor:
+        return self._signal(x, self.delta if self.test_delta is None else self.test_delta)
+
+    def poison(self, x: Tensor, y: Tensor, target: int, rate: float, seed: int = 0) -> Poisoned:
+        train = dataclasses.replace(self, test_delta=None)  # training images get ``delta``
+        return Trigger.poison(train, x, y, target, rate, seed)
 
 
-def poison(x: Tensor, y: Tensor, trigger: Trigger, target: int, rate: float, seed: int = 0
-           ) -> Tuple[Tensor, Tensor, Tensor]:
-    """Poison a fraction ``rate`` of the training set: stamp the trigger on images whose label is not the
-    target and relabel them ``target``. Returns (x, y, indices poisoned); the inputs are not modified."""
-    if not 0 <= rate <= 1:
-        raise ConfigError(f"poisoning rate {rate} must be in [0, 1]")
-    candidates = (y != target).nonzero().flatten()
-    g = torch.Generator().manual_seed(seed)
-    count = min(len(candidates), round(rate * len(y)))
-    chosen = candidates[torch.randperm(len(candidates), generator=g)[:count]]
-    x, y = x.clone(), y.clone()
-    x[chosen] = trigger.apply(x[chosen])
-    y[chosen] = target
-    return x, y, chosen
+@dataclass
+class WaNet(Trigger):
+    """The warping trigger: a fixed smooth field ``clamp((identity + s * noise / H) * grid_rescale, -1, 1)``,
+    ``noise`` = k x k uniform(-1, 1) (drawn from ``seed``) over its mean absolute value, upsampled bicubic with
+    align_corners. Training adds ``cross_ratio`` x (poisoned count) noise-mode images warped by the field plus
+    uniform(-1, 1) / H per pixel, with their true labels. Defaults are the reference code's (k 4, s 0.5, grid
+    rescale 1, cross ratio 2)."""
 
+    k: int = 4
+    s: float = 0.5
+    grid_rescale: float = 1.0
+    cross_ratio: float = 2.0
+    seed: int = 2021
+    name: str = "wanet"
+    _grids: Dict = dataclasses.field(default_factory=dict, repr=False, compare=False)
 
-def triggered_test_set(x: Tensor, y: Tensor, trigger: Trigger, target: int) -> Tuple[Tensor, Tensor]:
-    """The ASR set: test images whose true label is not the target, with the trigger applied."""
-    keep = y != target
-    return trigger.apply(x[keep]), y[keep]
+    def grid(self, h: int, w: int) -> Tensor:
+        key = (h, w, self.k, self.s, self.grid_rescale, self.seed)
+        if key not in self._grids:
+            self._grids[key] = self._make_grid(h, w)
+        return self._grids[key]
+
+    def _make_grid(self, h: int, w: int) -> Tensor:
+        g = torch.Generator().manual_seed(self.seed)
+        ins = torch.rand(1, 2, self.k, self.k, generator=g) * 2 - 1
+        ins = ins / ins.abs().mean()
+        noise = F.interpolate(ins, size=(h, w), mode="bicubic", align_corners=True).permute(0, 2, 3, 1)
+        rows, cols = torch.meshgrid(torch.linspace(-1, 1, h), torch.linspace(-1, 1, w), indexing="ij")
+        identity = torch.stack((cols, rows), 2)[None]  # grid_sample wants (x = column, y = row)
+        return ((identity + self.s * noise / h) * self.grid_rescale).clamp(-1, 1)
+
+    def _warp(self, x: Tensor, grid: Tensor) -> Tensor:
+        return F.grid_sample(x, grid.to(x), align_corners=True).clamp(0, 1)
+
+    def apply(self, x: Tensor) -> Tensor:
+        return self._warp(x, self.grid(*x.shape[-2:]).expand(x.shape[0], -1, -1, -1))
+
+    def apply_noise(self, x: Tensor, generator: torch.Generator) -> Tensor:
+        """The noise mode: the field plus per-image random noise; these images keep their labels."""
+        h, w = x.shape[-2:]
+        jitter = torch.rand(x.shape[0], h, w, 2, generator=generator) * 2 - 1
+        return self._warp(x, (self.grid(h, w) + jitter / h).clamp(-1, 1))
+
+    def poison(self, x: Tensor, y: Tensor, target: int, rate: float, seed: int = 0) -> Poisoned:
+        out = super().poison(x, y, target, rate, seed)
+        taken = torch.zeros(len(y), dtype=torch.bool)
+        taken[out.poisoned] = True
+        g = torch.Generator().manual_seed(seed + 1)
+        free = (~taken).nonzero().flatten()
+        free = free[torch.randperm(len(free), generator=g)]
+        noise = free[:min(len(free), round(self.cross_ratio * len(out.poisoned)))]
+        if len(noise):
+            out.x[noise] = self.apply_noise(x[noise], g)
+        return Poisoned(out.x, out.y, out.poisoned, noise)
 
 
 @dataclass
@@ -112,13 +248,87 @@ class ImageTrigger(Trigger):
 
     def apply(self, x: Tensor) -> Tensor:
         p = self.pattern.to(x)
-        h, w = x.shape[-2:]
-        ph, pw = p.shape[-2:]
-        if (ph, pw) == (h, w):
+        if tuple(p.shape[-2:]) == tuple(x.shape[-2:]):
             return (1 - self.alpha) * x + self.alpha * p
-        if ph + self.margin > h or pw + self.margin > w:
-            raise ConfigError(f"a {pw}x{ph} trigger does not fit {w}x{h} images")
-        out = x.clone()
-        r0, c0 = h - self.margin - ph, w - self.margin - pw
-        out[..., r0:r0 + ph, c0:c0 + pw] = p
-        return out
+        return _corner(x, p, self.margin, "trigger")
+
+
+TRIGGERS = {"badnets": BadNets, "patch": RandomPatch, "blend": Blend, "sig": SIG, "wanet": WaNet}
+
+
+def make_trigger(name: str, **kwargs) -> Trigger:
+    if name not in TRIGGERS:
+        raise ConfigError(f"unknown trigger {name!r}; known: {', '.join(TRIGGERS)}")
+    cls = TRIGGERS[name]
+    known = {f.name for f in dataclasses.fields(cls) if not f.name.startswith("_")} - {"name"}
+    unknown = sorted(set(kwargs) - known)
+    if unknown:
+        raise ConfigError(f"trigger {name} has no option {', '.join(unknown)}; its options: "
+                          f"{', '.join(sorted(known))}")
+    return cls(**kwargs)
+
+
+def _option(name: str, key: str, text: str, kind: type):
+    try:
+        value = kind(text)
+    except ValueError:
+        raise ConfigError(f"trigger {name}: {key}={text!r} is not {'an integer' if kind is int else 'a number'}"
+                          ) from None
+    if kind is float and not torch.isfinite(torch.tensor(value)):
+        raise ConfigError(f"trigger {name}: {key}={text!r} must be finite")
+    return value
+
+
+def parse_trigger(spec: str, image_shape: Optional[Tuple[int, int, int]] = None) -> Trigger:
+    """``NAME`` or ``NAME:KEY=VALUE,KEY=VALUE`` (e.g. ``blend:alpha=0.1``, ``wanet:s=1,k=4``). With
+    ``image_shape`` (C, H, W), the patch triggers default to 1/6 of the image side (3 px at least: 5 px on
+    32 x 32, 3 px on 16 x 16). Options are checked: a mistyped key or value is a one-line ConfigError."""
+    name, _, rest = spec.partition(":")
+    name = name.strip().lower()
+    if name not in TRIGGERS:
+        raise ConfigError(f"unknown trigger {spec!r}; known: {', '.join(TRIGGERS)} (NAME or NAME:KEY=VALUE,...)")
+    cls = TRIGGERS[name]
+    types = {f.name: f.type for f in dataclasses.fields(cls) if f.name != "name" and not f.name.startswith("_")}
+    kwargs = {}
+    for item in filter(None, (p.strip() for p in rest.split(","))):
+        key, eq, value = item.partition("=")
+        key = key.strip().replace("-", "_")
+        if not eq or key not in types:
+            raise ConfigError(f"trigger {name}: {item!r} is not KEY=VALUE with a key among "
+                              f"{', '.join(sorted(types))}")
+        kind = int if types[key] in (int, "int") else float  # Optional[float] options take a float too
+        kwargs[key] = _option(name, key, value.strip(), kind)
+    if name in ("badnets", "patch") and "size" not in kwargs and image_shape is not None:
+        kwargs["size"] = max(3, min(image_shape[-2:]) // 6)
+    trigger = make_trigger(name, **kwargs)
+    _check_values(trigger)
+    return trigger
+
+
+def _check_values(t: Trigger) -> None:
+    bad = None
+    if isinstance(t, (BadNets, RandomPatch)) and (t.size < 1 or t.margin < 0):
+        bad = "size must be >= 1 and margin >= 0"
+    elif isinstance(t, Blend) and not 0 < t.alpha <= 1:
+        bad = "alpha must be in (0, 1]"
+    elif isinstance(t, SIG) and not (t.delta > 0 and t.f > 0 and (t.test_delta is None or t.test_delta > 0)):
+        bad = "delta, test_delta and f must be > 0"
+    elif isinstance(t, WaNet) and (t.k < 2 or t.s <= 0 or t.grid_rescale <= 0 or t.cross_ratio < 0):
+        bad = "k must be >= 2, s and grid_rescale > 0, cross_ratio >= 0"
+    if bad:
+        raise ConfigError(f"trigger {t.name}: {bad}")
+
+
+def poison(x: Tensor, y: Tensor, trigger: Trigger, target: int, rate: float, seed: int = 0
+           ) -> Tuple[Tensor, Tensor, Tensor]:
+    """Poison a fraction ``rate`` of the training set with ``trigger``'s rule (dirty label: non-target images
+    triggered and relabelled; SIG: target images triggered, labels kept; WaNet: plus noise-mode images).
+    Returns (x, y, indices given the backdoor); the inputs are not modified."""
+    out = trigger.poison(x, y, target, rate, seed)
+    return out.x, out.y, out.poisoned
+
+
+def triggered_test_set(x: Tensor, y: Tensor, trigger: Trigger, target: int) -> Tuple[Tensor, Tensor]:
+    """The ASR set: test images whose true label is not the target, with the trigger applied."""
+    keep = y != target
+    return trigger.apply(x[keep]), y[keep]

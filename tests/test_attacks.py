@@ -1,0 +1,138 @@
+"""Backdoor attacks for evaluation: each trigger against its published rule (written here independently from
+the reference code), the poisoning rules (dirty label, clean label, WaNet's noise mode) and trigger specs."""
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from anp_fast.attacks import (SIG, BadNets, Blend, RandomPatch, WaNet, parse_trigger, poison,
+                              triggered_test_set)
+from anp_fast.errors import ConfigError
+
+
+def _images(n=40, c=3, h=32, w=32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(n, c, h, w, generator=g), torch.arange(n) % 10
+
+
+def test_sig_is_backdoorbench_s_sinusoid():
+    """BackdoorBench's sigTrigger on a uint8 HWC image: img + delta * sin(2 pi j f / m), j the column, clipped."""
+    x, _ = _images(2, 3, 32, 32)
+    hwc = (x[0].permute(1, 2, 0).numpy() * 255).astype(np.float32)
+    pattern = np.zeros_like(hwc)
+    m = pattern.shape[1]
+    for i in range(hwc.shape[0]):
+        for j in range(hwc.shape[1]):
+            pattern[i, j] = 40 * np.sin(2 * np.pi * j * 6 / m)
+    expected = np.clip(hwc + pattern, 0, 255) / 255
+    ours = SIG().apply(x[:1])[0].permute(1, 2, 0).numpy()
+    assert np.abs(ours - expected).max() < 1e-5
+    # the test-time amplitude can differ; training images always get delta
+    strong = SIG(test_delta=60 / 255)
+    assert (strong.apply(x) - x).abs().max() > (SIG().apply(x) - x).abs().max()
+    out = strong.poison(x, torch.zeros(len(x), dtype=torch.long), 0, 0.5, seed=1)
+    assert torch.allclose(out.x[out.poisoned], SIG().apply(x[out.poisoned]))
+
+
+def _wanet_reference(x, k, s, seed, grid_rescale=1.0):
+    """The WaNet reference code's grid (train.py), with its torch.rand drawn from our seed."""
+    h = x.shape[-1]
+    g = torch.Generator().manual_seed(seed)
+    ins = torch.rand(1, 2, k, k, generator=g) * 2 - 1
+    ins = ins / torch.mean(torch.abs(ins))
+    noise_grid = F.interpolate(ins, size=h, mode="bicubic", align_corners=True).permute(0, 2, 3, 1)
+    array1d = torch.linspace(-1, 1, steps=h)
+    a, b = torch.meshgrid(array1d, array1d, indexing="ij")
+    identity_grid = torch.stack((b, a), 2)[None, ...]
+    grid_temps = (identity_grid + s * noise_grid / h) * grid_rescale
+    grid_temps = torch.clamp(grid_temps, -1, 1)
+    return F.grid_sample(x, grid_temps.repeat(x.shape[0], 1, 1, 1), align_corners=True), grid_temps
+
+
+def test_wanet_warp_is_the_reference_field():
+    x, _ = _images(4, 3, 32, 32)
+    for k, s in ((4, 0.5), (8, 2.0)):
+        expected, _ = _wanet_reference(x, k, s, seed=11)
+        ours = WaNet(k=k, s=s, seed=11).apply(x)
+        assert torch.allclose(ours, expected.clamp(0, 1), atol=1e-6)
+        assert (ours - x).abs().max() > 1e-3  # it does move pixels
+
+
+def test_wanet_poisons_with_its_noise_mode():
+    x, y = _images(200, 1, 16, 16)
+    t = WaNet(seed=3)
+    out = t.poison(x, y, target=0, rate=0.1, seed=5)
+    assert len(out.poisoned) == 20 and len(out.noise) == 40  # cross ratio 2
+    assert not set(out.poisoned.tolist()) & set(out.noise.tolist())
+    assert (out.y[out.poisoned] == 0).all() and (y[out.poisoned] != 0).all()
+    assert torch.equal(out.y[out.noise], y[out.noise])  # noise-mode images keep their labels
+    assert torch.allclose(out.x[out.poisoned], t.apply(x[out.poisoned]))
+    _, grid = _wanet_reference(x[:1], 4, 0.5, seed=3)
+    # each noise-mode image is warped by the field plus at most 1/H per coordinate, never by the field alone
+    for i in out.noise[:5].tolist():
+        assert not torch.allclose(out.x[i], t.apply(x[i:i + 1])[0], atol=1e-4)
+    untouched = torch.ones(len(y), dtype=torch.bool)
+    untouched[out.poisoned] = untouched[out.noise] = False
+    assert torch.equal(out.x[untouched], x[untouched])
+
+
+@pytest.mark.parametrize("rate", [0.01, 0.05, 0.1])
+def test_dirty_label_rates_count_all_training_images(rate):
+    x, y = _images(400, 1, 16, 16)
+    xp, yp, idx = poison(x, y, BadNets(size=3), target=2, rate=rate, seed=0)
+    assert len(idx) == round(rate * 400)
+    assert (y[idx] != 2).all() and (yp[idx] == 2).all()
+    rest = torch.ones(400, dtype=torch.bool)
+    rest[idx] = False
+    assert torch.equal(xp[rest], x[rest]) and torch.equal(yp[rest], y[rest])
+    assert torch.equal(x, _images(400, 1, 16, 16)[0])  # inputs untouched
+
+
+def test_sig_is_clean_label_and_capped_by_the_target_class():
+    x, y = _images(100, 1, 16, 16)  # 10 images of each class
+    xp, yp, idx = poison(x, y, SIG(), target=3, rate=0.05, seed=0)
+    assert len(idx) == 5 and (y[idx] == 3).all() and torch.equal(yp, y)
+    _, _, idx = poison(x, y, SIG(), target=3, rate=0.5, seed=0)
+    assert len(idx) == 10  # only 10 target images exist
+
+
+def test_patch_triggers_land_in_the_corner():
+    x, _ = _images(3, 3, 32, 32)
+    for trig in (BadNets(size=5, margin=1), RandomPatch(size=5, margin=1)):
+        out = trig.apply(x)
+        changed = (out != x).any(dim=1).any(dim=0)
+        rows, cols = changed.nonzero().T
+        assert rows.min() >= 32 - 1 - 5 and rows.max() <= 30 and cols.min() >= 26 and cols.max() <= 30
+    patch = RandomPatch(size=4).apply(x)[..., -5:-1, -5:-1]
+    assert torch.equal(patch, RandomPatch(size=4).pattern(3).expand(3, -1, -1, -1))  # fixed per seed
+    assert not torch.equal(RandomPatch(seed=1).pattern(3), RandomPatch(seed=2).pattern(3))
+
+
+def test_blend_alpha_and_asr_set():
+    x, y = _images(20, 1, 8, 8)
+    out = Blend(alpha=0.3).apply(x)
+    pattern = (out - 0.7 * x) / 0.3
+    assert torch.allclose(pattern, pattern[:1].expand_as(pattern), atol=1e-5)  # one fixed pattern
+    xt, yt = triggered_test_set(x, y, Blend(alpha=0.3), target=1)
+    assert len(xt) == int((y != 1).sum()) and (yt != 1).all()
+
+
+def test_trigger_specs():
+    t = parse_trigger("blend:alpha=0.1", (3, 32, 32))
+    assert isinstance(t, Blend) and t.alpha == 0.1
+    t = parse_trigger("wanet:s=1,k=8", (1, 16, 16))
+    assert (t.s, t.k, t.cross_ratio) == (1.0, 8, 2.0)
+    assert parse_trigger("badnets", (3, 32, 32)).size == 5 and parse_trigger("patch", (1, 16, 16)).size == 3
+    assert parse_trigger("sig:test_delta=0.3").test_delta == 0.3
+    for spec, message in [("blend:beta=1", "not KEY=VALUE with a key among"), ("wanet:k=two", "is not an integer"),
+                          ("blend:alpha=0", "alpha must be in"), ("sig:delta=nan", "must be finite"),
+                          ("laser", "unknown trigger"), ("wanet:s=-1", "s and grid_rescale > 0")]:
+        with pytest.raises(ConfigError, match=message):
+            parse_trigger(spec, (3, 32, 32))
+    with pytest.raises(ConfigError, match="does not fit"):
+        BadNets(size=9).apply(torch.zeros(1, 1, 8, 8))
+    assert parse_trigger("sig").describe() == {"delta": 40 / 255, "f": 6, "test_delta": None,
+                                                "name": "sig"}
+    assert not math.isnan(parse_trigger("wanet").describe()["s"])
