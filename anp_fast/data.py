@@ -132,6 +132,42 @@ class LoaderSource(BatchSource):
                 raise DataError("the clean DataLoader yielded no batch")
 
 
+class EpochSource(BatchSource):
+    """Epochs over an (x, y) tensor pair, each a shuffle (epoch e's order from a generator seeded by
+    (seed, e)) cut into batches of ``batch_size``, the last one partial: a DataLoader with ``shuffle=True``, as
+    the RNP code reads its clean set. ``len(source)`` batches in all; any batch is known without drawing the
+    ones before it, so a resumed run sees the same data."""
+
+    def __init__(self, x: Tensor, y: Tensor, batch_size: int, epochs: int, seed: int):
+        if x.shape[0] != y.shape[0]:
+            raise DataError(f"clean images and labels differ in length: {x.shape[0]} vs {y.shape[0]}")
+        if x.shape[0] == 0:
+            raise DataError("the clean set is empty")
+        self.x, self.y = x, y.long()
+        self.labels = self.y
+        self.on_host = x.device.type == "cpu"
+        self.batch_size, self.epochs, self.seed = batch_size, epochs, seed
+        self.per_epoch = -(-x.shape[0] // batch_size)
+
+    def __len__(self) -> int:
+        return self.epochs * self.per_epoch
+
+    def order(self, epoch: int) -> Tensor:
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        return torch.randperm(self.x.shape[0], generator=g)
+
+    def __iter__(self):
+        order, current = None, None
+        for i in range(self.start, len(self)):
+            epoch, b = divmod(i, self.per_epoch)
+            if epoch != current:
+                order, current = self.order(epoch), epoch
+            idx = order[b * self.batch_size:(b + 1) * self.batch_size]
+            if not self.on_host:
+                idx = idx.to(self.x.device)
+            yield self.x[idx], self.y[idx]
+
+
 def _as_pair(batch) -> Tuple[Tensor, Tensor]:
     if isinstance(batch, (tuple, list)) and len(batch) >= 2:
         x, y = batch[0], batch[1]
@@ -143,7 +179,9 @@ def _as_pair(batch) -> Tuple[Tensor, Tensor]:
 
 def batch_source(clean_data, batch_size: int, iters: int, seed: int) -> BatchSource:
     """Batches for the ANP loop from an (x, y) tensor pair, a Dataset (sampled with replacement, seeded)
-    or a DataLoader (used as it is, cycled)."""
+    or a DataLoader (used as it is, cycled); a BatchSource is used as it is."""
+    if isinstance(clean_data, BatchSource):
+        return clean_data
     if isinstance(clean_data, (tuple, list)) and len(clean_data) == 2 and all(
             isinstance(t, Tensor) for t in clean_data):
         x, y = clean_data
@@ -184,12 +222,14 @@ class DigitsSplits:
     clean: Split  # the defender's clean set: the attack never touches it
     test: Split
     num_classes: int = 10
+    holdout: Optional[Split] = None  # the defender's held-out clean split, to choose how much to prune
 
 
 def load_digits(size: int = 16, clean_fraction: float = 0.1, test_fraction: float = 0.2,
-                seed: int = 0) -> DigitsSplits:
+                seed: int = 0, holdout_fraction: float = 0.0) -> DigitsSplits:
     """scikit-learn's digits (1797 real 8x8 images shipped with scikit-learn), scaled to [0, 1] and
-    upsampled to ``size`` x ``size``, split reproducibly and per class into disjoint train/clean/test."""
+    upsampled to ``size`` x ``size``, split reproducibly and per class into disjoint train/clean/test (and a
+    held-out clean split of ``holdout_fraction`` when > 0)."""
     from sklearn.datasets import load_digits as sk_load_digits
 
     raw = sk_load_digits()
@@ -199,14 +239,19 @@ def load_digits(size: int = 16, clean_fraction: float = 0.1, test_fraction: floa
     y = torch.tensor(raw.target, dtype=torch.long)
     g = torch.Generator().manual_seed(seed)
     parts = {"train": [], "clean": [], "test": []}
+    if holdout_fraction > 0:
+        parts["holdout"] = []
     for c in range(10):
         idx = (y == c).nonzero().flatten()
         idx = idx[torch.randperm(len(idx), generator=g)]
         n_test = round(len(idx) * test_fraction)
         n_clean = round(len(idx) * clean_fraction)
+        n_hold = round(len(idx) * holdout_fraction)
         parts["test"].append(idx[:n_test])
         parts["clean"].append(idx[n_test:n_test + n_clean])
-        parts["train"].append(idx[n_test + n_clean:])
+        if "holdout" in parts:
+            parts["holdout"].append(idx[n_test + n_clean:n_test + n_clean + n_hold])
+        parts["train"].append(idx[n_test + n_clean + n_hold:])
     splits = {}
     for name, chunks in parts.items():
         idx = torch.cat(chunks)

@@ -284,6 +284,7 @@ class ANPResult:
     config: ANPConfig
     num_neurons: int
     layers: List[str] = field(default_factory=list)
+    info: Dict = field(default_factory=dict)  # what a method reports beyond the masks (RNP: its unlearning)
 
 
 class Interrupted(KeyboardInterrupt):
@@ -322,9 +323,13 @@ def _check_same_run(saved: Dict, config: ANPConfig, path: str) -> None:
                           f"{config.iters}")
 
 
+Monitor = Callable[[int, "ANPEngine"], bool]
+
+
 def optimize_masks(model: nn.Module, clean_data, config: Optional[ANPConfig] = None, progress: bool = True,
                    noise_init: Optional[NoiseInit] = None, check_every: int = 50, save_every: int = 0,
-                   state_path: Optional[str] = None, resume: bool = False) -> ANPResult:
+                   state_path: Optional[str] = None, resume: bool = False, monitor: Optional[Monitor] = None,
+                   monitor_every: int = 100, engine: Optional["ANPEngine"] = None) -> ANPResult:
     """Run ``config.iters`` iterations of ANP on batches drawn with replacement from ``clean_data``
     (a Dataset, a DataLoader, or an (x, y) tensor pair) and return the masks, the loss history and timings.
 
@@ -336,11 +341,19 @@ def optimize_masks(model: nn.Module, clean_data, config: Optional[ANPConfig] = N
     config) is written atomically every ``save_every`` iterations and on Ctrl-C; with ``resume=True`` the run
     continues from the state there (if present), and ends with the masks an uninterrupted run would give
     (bit-identical on the CPU in fp32 with the same seed; clean data given as tensors or a Dataset).
+
+    ``monitor(iteration, engine)``: called after every ``monitor_every`` iterations (the loss checked first);
+    returning True ends the run there (an early stop: ``timings["stopped_at"]``). It may read the engine
+    (``engine.masks()``) but must not change it. ``engine``: an engine already built for ``model`` (a front end
+    that configures one itself); by default one is built from ``config``.
     """
     config = config if config is not None else ANPConfig()
     if save_every < 0 or (save_every and not state_path):
         raise ConfigError("save_every needs a state_path (and must be >= 0)")
-    engine = ANPEngine(model, config, noise_init=noise_init)
+    if monitor is not None and (isinstance(monitor_every, bool) or not isinstance(monitor_every, int)
+                                or monitor_every < 1):
+        raise ConfigError(f"monitor_every={monitor_every!r}: must be an integer >= 1")
+    engine = engine if engine is not None else ANPEngine(model, config, noise_init=noise_init)
     source: BatchSource = batch_source(clean_data, config.batch_size, config.iters, config.seed)
     history = torch.zeros(config.iters, device=engine.device)
     start_it = 0
@@ -367,11 +380,13 @@ def optimize_masks(model: nn.Module, clean_data, config: Optional[ANPConfig] = N
                            "source": source_state, "history": history[:done].cpu(), "config": asdict(config)},
                           state_path)
 
+    stopped_at = None
+
     def result(done: int, seconds: float) -> ANPResult:
         losses = history[:done].cpu().tolist()
         return ANPResult(engine.masks(), losses,
                          {"total_s": seconds, "per_iter_s": seconds / max(done - start_it, 1), "iters": done,
-                          "resumed_at": start_it},
+                          "resumed_at": start_it, "stopped_at": stopped_at},
                          config, engine.state.size, [s.name for s in engine.state.slots])
 
     bar = progress_bar(total=config.iters, initial=start_it, desc="ANP masks", unit="it", disable=not progress)
@@ -399,6 +414,11 @@ def optimize_masks(model: nn.Module, clean_data, config: Optional[ANPConfig] = N
                 check(done)  # never save a diverged state
                 save(done, source_state)
             bar.update(1)
+            if monitor is not None and done % monitor_every == 0:
+                check(done)  # a monitor never sees a diverged state
+                if monitor(done, engine):
+                    stopped_at = done
+                    break
     except KeyboardInterrupt:
         bar.close()
         if snapshot is not None:  # interrupted inside a step: back to the state before it
