@@ -66,8 +66,16 @@ def build_parser() -> argparse.ArgumentParser:
                                       "a clean split the attack never touched, prune, report ACC/ASR.")
     demo.add_argument("--out", default="anp_demo_out", help="output folder (default: %(default)s)")
     demo.add_argument("--iters", type=int, default=2000, help="ANP iterations (default: %(default)s, published)")
-    demo.add_argument("--threshold", type=float, default=0.2, help="prune masks <= this (default: %(default)s)")
-    demo.add_argument("--trigger", choices=("badnets", "blend"), default="badnets")
+    demo.add_argument("--prune", default="auto",
+                      help="auto (default: the most neurons whose held-out clean accuracy stays within --budget; "
+                           "the held-out split is disjoint from training and ANP's clean set) | threshold:T | "
+                           "number:K | fraction:F")
+    demo.add_argument("--threshold", type=float, default=None,
+                      help="prune masks <= this (the published fixed rule; same as --prune threshold:T)")
+    demo.add_argument("--budget", type=float, default=2.0,
+                      help="auto: largest drop of held-out clean accuracy, in points (default: %(default)s)")
+    demo.add_argument("--trigger", default="badnets",
+                      help="badnets | patch | blend | sig | wanet, with options NAME:KEY=VALUE (default: badnets)")
     demo.add_argument("--target", type=int, default=0, help="backdoor target class (0-9)")
     demo.add_argument("--poison-rate", type=float, default=0.1)
     demo.add_argument("--epochs", type=int, default=15, help="training epochs of the backdoored model")
@@ -91,8 +99,8 @@ def build_parser() -> argparse.ArgumentParser:
     purify.add_argument("--budget", type=float, default=2.0,
                         help="auto pruning: largest drop of held-out clean accuracy, in points (default: 2)")
     purify.add_argument("--trigger", default=None,
-                        help="badnets | blend | an image file: also report the attack success rate (never used "
-                             "to choose)")
+                        help="badnets | patch | blend | sig | wanet (NAME:KEY=VALUE,... as in attack) | an image "
+                             "file: also report the attack success rate (never used to choose)")
     purify.add_argument("--target", type=int, default=None, help="the backdoor's target class (with --trigger)")
     purify.add_argument("--save-every", type=int, default=0, help="save the run state every N iterations")
     purify.add_argument("--resume", metavar="DIR", default=None,
@@ -100,7 +108,20 @@ def build_parser() -> argparse.ArgumentParser:
     purify.add_argument("--sample-with-replacement", action="store_true",
                         help="allow a clean set smaller than one batch (batches are drawn with replacement)")
     purify.add_argument("--workers", type=int, default=0, help="data loading worker processes")
+    purify.add_argument("--method", default="anp",
+                        help="how the masks are learned: anp (default) | rnp (Reconstructive Neuron Pruning: "
+                             "unlearn a copy, learn masks on it, prune the original) | a registered method")
+    purify.add_argument("--stop-patience", type=int, default=0, metavar="K",
+                        help="opt-in early stop: end the loop once the neurons the pruning rule would prune have "
+                             "not changed over K checks (default: 0, off: the published fixed iteration count)")
+    purify.add_argument("--stop-every", type=int, default=100, metavar="N",
+                        help="with --stop-patience: check every N iterations (default: %(default)s)")
+    purify.add_argument("--preset", default=None, choices=("published", "backdoorbench"),
+                        help="defaults of another front end (values and their sources: anp_fast.presets); flags "
+                             "given here still win")
     _add_config_flags(purify, skip=())
+    _add_rnp_flags(purify)
+    parser.purify = purify
     prune_p = sub.add_parser("prune", help="prune a checkpoint with a mask file; write it and the pruning sweep",
                              description="Masks (published format) + checkpoint -> pruned checkpoint, sweep CSV, "
                                          "plot and report.")
@@ -108,7 +129,8 @@ def build_parser() -> argparse.ArgumentParser:
     prune_p.add_argument("--masks", required=True, help="mask file (published ' \\t ' format)")
     prune_p.add_argument("--prune", default="threshold:0.2", help="threshold:T | number:K | fraction:F | auto")
     prune_p.add_argument("--budget", type=float, default=2.0, help="auto: held-out accuracy drop allowed (points)")
-    prune_p.add_argument("--trigger", default=None, help="badnets | blend | an image file (report ASR)")
+    prune_p.add_argument("--trigger", default=None,
+                         help="badnets | patch | blend | sig | wanet (with options) | an image file (report ASR)")
     prune_p.add_argument("--target", type=int, default=None)
     prune_p.add_argument("--seed", type=int, default=0, help="seed of the held-out clean split (as in purify)")
     prune_p.add_argument("--clean-fraction", type=float, default=None, help="as given to purify (default 0.01)")
@@ -119,12 +141,18 @@ def build_parser() -> argparse.ArgumentParser:
                             description="Train --arch on --data with a fraction of the training split poisoned "
                                         "by a trigger; write the checkpoint (.safetensors, .pt) and attack.json.")
     _add_model_data_flags(attack, checkpoint=False)
-    attack.add_argument("--trigger", default="badnets", help="badnets | blend | an image file")
-    attack.add_argument("--target", type=int, default=0)
-    attack.add_argument("--poison-rate", type=float, default=0.1)
-    attack.add_argument("--epochs", type=int, default=30)
-    attack.add_argument("--batch-size", type=int, default=128)
-    attack.add_argument("--lr", type=float, default=0.05)
+    attack.add_argument("--trigger", default="badnets",
+                        help="badnets | patch | blend | sig (clean label) | wanet (with its noise mode) | an image "
+                             "file; options as NAME:KEY=VALUE,... e.g. blend:alpha=0.1 (default: %(default)s)")
+    attack.add_argument("--target", type=int, default=0, help="the class triggered images go to (default: 0)")
+    attack.add_argument("--poison-rate", type=float, default=0.1,
+                        help="poisoned images / all training images (0: a benign model; default: %(default)s)")
+    attack.add_argument("--reserve-clean", type=int, default=None, metavar="N",
+                        help="leave out of training the N images that `purify --clean-count N` with the same "
+                             "--seed takes as clean data, so the defender's images are unseen by the model")
+    attack.add_argument("--epochs", type=int, default=30, help="training epochs (default: %(default)s)")
+    attack.add_argument("--batch-size", type=int, default=128, help="(default: %(default)s)")
+    attack.add_argument("--lr", type=float, default=0.05, help="SGD learning rate, one-cycle (default: %(default)s)")
     attack.add_argument("--seed", type=int, default=0)
     attack.add_argument("--device", default=None)
     export = sub.add_parser("export-digits", help="write scikit-learn's digits as CIFAR-10 python-format files",
@@ -140,6 +168,35 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_arguments(bench)
     return parser
+
+
+def _add_rnp_flags(p: argparse.ArgumentParser) -> None:
+    """``--rnp-FIELD`` for every RNPConfig field (used with --method rnp), defaults the published ones."""
+    import dataclasses
+
+    from .methods import RNPConfig
+
+    g = p.add_argument_group("RNP options (--method rnp; defaults are the published code's)")
+    for f in dataclasses.fields(RNPConfig):
+        flag = "--rnp-" + f.name.replace("_", "-")
+        default = f.default
+        if isinstance(default, tuple):
+            g.add_argument(flag, type=int, nargs="+", default=list(default), metavar="EPOCH",
+                           help=f"(default: {' '.join(map(str, default))})")
+        elif default is None:
+            g.add_argument(flag, type=float, default=None, help="(default: none)")
+        else:
+            g.add_argument(flag, type=type(default), default=default, help="(default: %(default)s)")
+
+
+def _rnp_options(args):
+    import dataclasses
+
+    from .methods import RNPConfig
+
+    values = {f.name: getattr(args, "rnp_" + f.name) for f in dataclasses.fields(RNPConfig)}
+    values["unlearn_schedule"] = tuple(values["unlearn_schedule"])
+    return RNPConfig(**values)
 
 
 def _add_model_data_flags(p: argparse.ArgumentParser, checkpoint: bool) -> None:
@@ -192,7 +249,7 @@ def _purify(args) -> int:
         with open(saved) as f:
             recorded = json.load(f)
         resume_dir = args.resume
-        args = build_parser().parse_args(recorded["argv"])
+        _, args = parse(recorded["argv"])
         args.out, args.resume = resume_dir, resume_dir
         argv = recorded["argv"]
     else:
@@ -203,8 +260,16 @@ def _purify(args) -> int:
     if args.clean_fraction is not None and not 0 < args.clean_fraction <= 1:
         raise ANPError(f"--clean-fraction {args.clean_fraction}: must be in (0, 1]")
     config = _config_from(args).replace(iters=args.iters, seed=args.seed)
+    options = _rnp_options(args) if args.method == "rnp" else None
+    clean_fraction = args.clean_fraction
+    if args.preset and clean_fraction is None and args.clean_count is None:
+        from .presets import preset
+
+        clean_fraction = preset(args.preset, args.method).get("clean_fraction")
     run_purify(arch=args.arch, checkpoint=args.checkpoint, data=args.data, out=args.out, config=config,
-               arch_args=_arch_args(args.arch_arg), clean_fraction=args.clean_fraction,
+               method=args.method, method_options=options, stop_patience=args.stop_patience,
+               stop_every=args.stop_every,
+               arch_args=_arch_args(args.arch_arg), clean_fraction=clean_fraction,
                clean_count=args.clean_count, holdout_fraction=args.holdout_fraction, prune_rule=args.prune,
                budget=args.budget, trigger=args.trigger, target=args.target, save_every=args.save_every,
                resume=args.resume is not None, overwrite=args.overwrite,
@@ -232,7 +297,7 @@ def _attack(args) -> int:
     run_attack(arch=args.arch, data=args.data, out=args.out, trigger=args.trigger, target=args.target,
                poison_rate=args.poison_rate, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                arch_args=_arch_args(args.arch_arg), seed=args.seed, device=args.device, overwrite=args.overwrite,
-               progress=not args.no_progress)
+               reserve_clean=args.reserve_clean, progress=not args.no_progress)
     return 0
 
 
@@ -253,7 +318,12 @@ def _demo(args) -> int:
         raise ANPError(f"--target {args.target}: digits has classes 0-9")
     if args.epochs < 1:
         raise ANPError(f"--epochs {args.epochs}: must be >= 1")
-    run_demo(out=args.out, iters=args.iters, threshold=args.threshold, trigger=args.trigger, target=args.target,
+    if args.threshold is not None:
+        if args.prune != "auto":
+            raise ANPError("give --prune or --threshold, not both")
+        args.prune = f"threshold:{args.threshold}"
+    run_demo(out=args.out, iters=args.iters, prune_rule=args.prune, budget=args.budget, trigger=args.trigger,
+             target=args.target,
              poison_rate=args.poison_rate, epochs=args.epochs, seed=args.seed,
              config=_config_from(args), progress=not args.no_progress,
              overwrite=args.overwrite)
@@ -269,11 +339,30 @@ def _bench(args) -> int:
 _CURRENT_ARGV: Optional[List[str]] = None
 
 
+def parse(argv: Optional[List[str]]):
+    """Parse ``argv``; a ``purify --preset`` sets the defaults of the flags it covers, then parses again, so
+    flags given explicitly still win."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "command", None) == "purify" and args.preset:
+        from .presets import preset
+
+        try:
+            values = preset(args.preset, args.method)
+        except ANPError as exc:
+            parser.error(str(exc))
+        prefix = "rnp_" if args.method == "rnp" else ""
+        defaults = {prefix + k: v for k, v in values.items() if k != "clean_fraction"}
+        parser = build_parser()
+        parser.purify.set_defaults(**defaults)
+        args = parser.parse_args(argv)
+    return parser, args
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     global _CURRENT_ARGV
-    parser = build_parser()
     _CURRENT_ARGV = list(argv) if argv is not None else None
-    args = parser.parse_args(argv)
+    parser, args = parse(argv)
     if args.command is None:
         parser.print_help()
         return 2

@@ -22,7 +22,7 @@ import torch.nn as nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from .config import ANPConfig
-from .engine import Interrupted, optimize_masks
+from .engine import Interrupted
 from .errors import ANPError, ConfigError, DataError
 from .fileio import atomic_write_text
 from .maskfile import load_masks, save_masks
@@ -31,6 +31,7 @@ from .report import write_csv, write_json
 from .surgery import perturbable_layers
 
 STATE_FILE = "anp_state.pt"
+STATE_FILES = (STATE_FILE, "rnp_state.pt", "rnp_unlearned.pt")  # what the methods save to resume from
 COMMAND_FILE = "command.json"
 PURIFY_OUTPUTS = ("purified.safetensors", "purified.pt", "masks.txt", "report.json", "sweep.csv",
                   "mask_histograms.png", "pruning_sweep.png")
@@ -80,14 +81,20 @@ def tensors_of(ds: Dataset, batch_size: int = 512):
 
 
 @torch.no_grad()
-def predictions(model: nn.Module, ds: Dataset, device, batch_size: int = 256, workers: int = 0) -> torch.Tensor:
+def logits(model: nn.Module, ds: Dataset, device, batch_size: int = 256, workers: int = 0) -> torch.Tensor:
+    """The model's logits (eval mode, fp32, on the CPU) for every item of ``ds``."""
     was_training = model.training
     model.eval()
     out = []
     for x, _ in DataLoader(ds, batch_size=batch_size, num_workers=workers):
-        out.append(model(x.to(device)).argmax(1).cpu())
+        out.append(model(x.to(device)).float().cpu())
     model.train(was_training)
-    return torch.cat(out) if out else torch.zeros(0, dtype=torch.long)
+    return torch.cat(out) if out else torch.zeros(0, 0)
+
+
+def predictions(model: nn.Module, ds: Dataset, device, batch_size: int = 256, workers: int = 0) -> torch.Tensor:
+    out = logits(model, ds, device, batch_size, workers)
+    return out.argmax(1) if out.numel() else torch.zeros(0, dtype=torch.long)
 
 
 # ------------------------------------------------------------------------------------------------ options
@@ -191,17 +198,18 @@ def load_model_and_data(arch: str, checkpoint: Optional[str], data: str, arch_ar
 
 
 def make_trigger_spec(spec: Optional[str], image_shape):
-    """badnets | blend | a picture file (stamped bottom-right, or blended when it is the images' size)."""
+    """A trigger by name (``badnets``, ``patch``, ``blend``, ``sig``, ``wanet``, each with ``:KEY=VALUE,...``
+    options) or a picture file (stamped bottom-right, or blended when it is the images' size)."""
     if spec is None:
         return None
-    from .attacks import ImageTrigger, make_trigger
+    from .attacks import TRIGGERS, ImageTrigger, parse_trigger
 
-    if spec in ("badnets", "blend"):
-        size = max(3, min(image_shape[-2:]) // 6)  # 5 px on 32x32, 3 px on 16x16 (the demo)
-        return make_trigger("badnets", size=size) if spec == "badnets" else make_trigger("blend")
-    if not os.path.isfile(spec):
-        raise ConfigError(f"--trigger {spec!r}: neither badnets, blend nor an existing image file")
-    return ImageTrigger.from_file(spec, image_shape)
+    if spec.partition(":")[0].strip().lower() in TRIGGERS:
+        return parse_trigger(spec, image_shape)
+    if os.path.isfile(spec):
+        return ImageTrigger.from_file(spec, image_shape)
+    raise ConfigError(f"--trigger {spec!r}: neither a trigger name ({', '.join(TRIGGERS)}) nor an existing image "
+                      "file")
 
 
 def asr_dataset(splits, trigger: Optional[str], target: Optional[int]) -> Optional[Dataset]:
@@ -234,8 +242,9 @@ class Evaluator:
     def __call__(self, model: nn.Module, holdout_only: bool = False) -> Dict[str, float]:
         row = {}
         if self.holdout is not None:
-            row["holdout_acc"] = float((predictions(model, self.holdout, self.device, workers=self.workers)
-                                        == self.labels["holdout"]).float().mean())
+            out = logits(model, self.holdout, self.device, workers=self.workers)
+            row["holdout_acc"] = float((out.argmax(1) == self.labels["holdout"]).float().mean())
+            row["holdout_loss"] = float(torch.nn.functional.cross_entropy(out, self.labels["holdout"]))
         if holdout_only:
             return row
         row["acc"] = float((predictions(model, self.test, self.device, workers=self.workers)
@@ -246,39 +255,18 @@ class Evaluator:
         return row
 
 
-THRESHOLDS = [round(0.05 * i, 2) for i in range(20)]
-
-
-def auto_number(model, masks, evaluator: "Evaluator", budget_points: float, grid: int = 32) -> Dict:
-    """How many neurons (lowest masks first) to prune: the most whose held-out clean accuracy stays within the
-    budget -- a grid over 0..all, then bisection between the last good and the first bad grid point. Only the
-    held-out CLEAN split is looked at."""
-    total = sum(int(m.numel()) for m in masks.values())
-    holdout = lambda m: evaluator(m, holdout_only=True)  # noqa: E731
-    numbers = sorted({round(total * i / grid) for i in range(grid + 1)})
-    rows = sweep(model, masks, holdout, numbers=numbers)
-    base = rows[0]["holdout_acc"]
-    ok = lambda r: 100 * (base - r["holdout_acc"]) <= budget_points + 1e-9  # noqa: E731
-    best = max((r for r in rows if ok(r)), key=lambda r: r["number"])
-    above = [r["number"] for r in rows if r["number"] > best["number"]]
-    lo, hi = best["number"], (min(above) if above else best["number"])
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        (row,) = sweep(model, masks, holdout, numbers=[mid])
-        if ok(row):
-            lo = mid
-        else:
-            hi = mid
-    return {"number": lo}
+from .selection import THRESHOLDS, auto_number  # noqa: E402  (re-exported: the rule lives in selection)
 
 
 def _pruning_sweep(model, masks, evaluator: Evaluator, rule: Dict):
     """The sweep rows (threshold grid, every column) and the chosen rule."""
+    from .selection import choose
+
     rows = sweep(model, masks, evaluator, thresholds=THRESHOLDS)
     if rule.get("auto"):
         if evaluator.holdout is None:
             raise ConfigError("--prune auto needs a held-out clean split (--holdout-fraction > 0)")
-        return rows, auto_number(model, masks, evaluator, rule["budget"])
+        return rows, choose(model, masks, evaluator, rule["budget"])["rule"]
     return rows, {k: v for k, v in rule.items() if k in ("threshold", "number", "fraction")}
 
 
@@ -289,9 +277,15 @@ def run_purify(*, arch: str, checkpoint: str, data: str, out: str, config: ANPCo
                budget: float = 2.0, trigger: Optional[str] = None, target: Optional[int] = None,
                save_every: int = 0, resume: bool = False, overwrite: bool = False,
                allow_small_clean: bool = False, workers: int = 0, progress: bool = True,
-               command: Optional[Dict] = None, log=print) -> Dict:
-    """Load, run ANP, prune, and write every output into ``out``; returns the report. ``command``: the
-    arguments to record in ``out/command.json`` for a later ``--resume``."""
+               command: Optional[Dict] = None, method: str = "anp", method_options=None,
+               stop_patience: int = 0, stop_every: int = 100, log=print) -> Dict:
+    """Load, learn masks with ``method`` (``anp``, ``rnp`` or a registered front end's; ``method_options``:
+    its own settings, e.g. an RNPConfig), prune, and write every output into ``out``; returns the report.
+    ``command``: the arguments to record in ``out/command.json`` for a later ``--resume``. ``stop_patience``
+    K > 0: the opt-in stop rule (:class:`anp_fast.selection.StopRule`): every ``stop_every`` iterations the
+    pruning rule is applied to the current masks, and the loop ends once the set it would prune has not changed
+    over K checks."""
+    from .methods import METHODS
     from .checkpoint import save_checkpoint
     from .datasets import clean_split
 
@@ -306,14 +300,20 @@ def run_purify(*, arch: str, checkpoint: str, data: str, out: str, config: ANPCo
         raise ConfigError(f"--save-every {save_every}: must be >= 0 (0: only on Ctrl-C)")
     if workers < 0:
         raise ConfigError(f"--workers {workers}: must be >= 0")
+    if isinstance(stop_patience, bool) or not isinstance(stop_patience, int) or stop_patience < 0 or \
+            isinstance(stop_every, bool) or not isinstance(stop_every, int) or stop_every < 1:
+        raise ConfigError(f"--stop-patience {stop_patience} / --stop-every {stop_every}: the patience must be an "
+                          "integer >= 0 (0: off) and the check interval >= 1")
     if (clean_fraction is None) == (clean_count is None):
         clean_fraction = 0.01 if clean_count is None else clean_fraction
     check_device(config.device, config.cuda_graphs)
-    state_path = os.path.join(out, STATE_FILE)
-    if resume and not os.path.exists(state_path) and any(os.path.exists(os.path.join(out, f)) for f in PURIFY_OUTPUTS):
+    if method not in METHODS:
+        raise ConfigError(f"--method {method!r}: known methods are {', '.join(METHODS)}")
+    saved_state = any(os.path.exists(os.path.join(out, f)) for f in STATE_FILES)
+    if resume and not saved_state and any(os.path.exists(os.path.join(out, f)) for f in PURIFY_OUTPUTS):
         raise ConfigError(f"{out} holds a finished run (no saved state to continue): nothing to resume; choose "
                           "another --out, or --overwrite to run again there")
-    resume = resume and os.path.exists(state_path)
+    resume = resume and saved_state
     check_out(out, PURIFY_OUTPUTS, overwrite, resume)
     loaded = load_model_and_data(arch, checkpoint, data, arch_args or {})
     check_rule_fits(rule, sum(n for _, n in perturbable_layers(loaded.model, config.layers)))
@@ -342,15 +342,32 @@ def run_purify(*, arch: str, checkpoint: str, data: str, out: str, config: ANPCo
     before = evaluator(model)
     log(f"{arch} on {splits.name}: {len(clean_idx)} clean images for ANP, {len(holdout_idx)} held out, "
         f"{len(splits.test)} test; before: " + _fmt(before))
+    if rule.get("auto") and looks_memorized(before):
+        log(f"warning: the held-out clean images look memorized (accuracy {100 * before['holdout_acc']:.1f}%, mean "
+            f"loss {before['holdout_loss']:.4f}): they were probably part of the model's training data. Their "
+            "accuracy then drops later than on unseen images and --prune auto over-prunes; give clean images the "
+            "model has not seen (anp-fast attack --reserve-clean N keeps them out of training), or a smaller "
+            "--budget")
     if command is not None:  # what `--resume DIR` needs to rerun this command (not a result file)
         atomic_write_text(os.path.join(out, COMMAND_FILE), json.dumps(command, indent=1))
     in_memory = getattr(splits, "in_memory", not data.startswith("imagefolder"))
     clean_data = tensors_of(clean) if in_memory else clean
+    from .methods import learn_masks
+
+    extra = {"options": method_options} if method_options is not None else {}
+    stop_rule = None
+    if stop_patience:
+        from .selection import StopRule, choose
+
+        fixed = {k: v for k, v in rule.items() if k in ("threshold", "number", "fraction")}
+        stop_rule = StopRule((lambda m: choose(model, m, evaluator, budget)["rule"]) if rule.get("auto")
+                             else (lambda m: fixed), stop_patience)
+        extra.update(monitor=stop_rule, monitor_every=stop_every)
     try:
-        result = optimize_masks(model, clean_data, config, progress=progress, save_every=save_every,
-                                state_path=state_path, resume=resume)
+        result = learn_masks(method, model, clean_data, config, progress=progress, save_every=save_every,
+                             state_dir=out, resume=resume, **extra)
     except Interrupted as stop:
-        log(f"interrupted after {len(stop.result.loss_history)} iterations; the state is in {state_path}: "
+        log(f"interrupted after {len(stop.result.loss_history)} iterations; the state is in {out}: "
             f"continue with --resume {out}")
         raise
     masks = result.masks
@@ -372,7 +389,11 @@ def run_purify(*, arch: str, checkpoint: str, data: str, out: str, config: ANPCo
         "data": data, "sizes": {"clean": len(clean_idx), "holdout": len(holdout_idx), "test": len(splits.test)},
         "trigger": trigger, "target": target, "prune": prune_rule, "chosen": chosen, "budget_points": budget,
         "before": before, "after": after, "pruned_neurons": n_pruned, "neurons": result.num_neurons,
-        "anp": {"iters": config.iters, "resumed_at": result.timings["resumed_at"],
+        "method": method, "method_info": result.info,
+        "stop_rule": None if stop_rule is None else {"patience": stop_patience, "every": stop_every,
+                                                     "stopped_at": result.timings.get("stopped_at"),
+                                                     "checks": stop_rule.checks},
+        "anp": {"iters": result.timings["iters"], "resumed_at": result.timings["resumed_at"],
                 "seconds": result.timings["total_s"], "per_iter_s": result.timings["per_iter_s"],
                 "final_loss": result.loss_history[-1] if result.loss_history else None},
         "config": config.to_dict(), "seconds": time.perf_counter() - t_start,
@@ -383,6 +404,15 @@ def run_purify(*, arch: str, checkpoint: str, data: str, out: str, config: ANPCo
     log(f"after pruning {n_pruned}/{result.num_neurons} neurons ({_rule_text(chosen)}): " + _fmt(after))
     log(f"wrote {', '.join(PURIFY_OUTPUTS)} to {out}")
     return report
+
+
+MEMORIZED_LOSS = 0.01  # mean held-out cross-entropy below this (with >= 99% accuracy): memorized images
+
+
+def looks_memorized(row: Dict) -> bool:
+    """Whether held-out clean images look memorized (measured: 0.001-0.002 nats on training images of the
+    quality matrix's models, 0.04 on unseen ones)."""
+    return row.get("holdout_acc", 0.0) >= 0.99 and row.get("holdout_loss", 1.0) < MEMORIZED_LOSS
 
 
 def _fmt(row: Dict) -> str:
@@ -468,9 +498,12 @@ def run_prune(*, arch: str, checkpoint: str, masks_file: str, data: str, out: st
 def run_attack(*, arch: str, data: str, out: str, trigger: str = "badnets", target: int = 0,
                poison_rate: float = 0.1, epochs: int = 30, batch_size: int = 128, lr: float = 0.05,
                arch_args: Optional[Dict] = None, seed: int = 0, device: Optional[str] = None,
-               overwrite: bool = False, progress: bool = True, log=print) -> Dict:
-    """Train a backdoored model (research and tests): poison ``poison_rate`` of the training split."""
-    from .attacks import poison, triggered_test_set
+               reserve_clean: Optional[int] = None, overwrite: bool = False, progress: bool = True,
+               log=print) -> Dict:
+    """Train a backdoored model (research and tests): poison ``poison_rate`` of the training images.
+    ``reserve_clean`` N: leave out of training the N images that ``purify --clean-count N --seed SEED`` will
+    take as the defender's clean data (a defender's own images, never seen by the model)."""
+    from .attacks import triggered_test_set
     from .checkpoint import save_checkpoint
     from .train import accuracy, attack_success_rate, train_classifier
 
@@ -493,7 +526,17 @@ def run_attack(*, arch: str, data: str, out: str, trigger: str = "badnets", targ
     trig = make_trigger_spec(trigger, (splits.in_channels, *splits.image_size))
     x, y = tensors_of(splits.train)
     xt, yt = tensors_of(splits.test)
-    xp, yp, poisoned = poison(x, y, trig, target, poison_rate, seed=seed)
+    if reserve_clean is not None:
+        from .datasets import clean_split
+
+        if isinstance(reserve_clean, bool) or not isinstance(reserve_clean, int) or not 0 < reserve_clean < len(y):
+            raise ConfigError(f"--reserve-clean {reserve_clean}: must be a whole number in [1, {len(y) - 1}]")
+        reserved = torch.cat(clean_split(len(y), count=reserve_clean, holdout_fraction=0.0, seed=seed))
+        keep = torch.ones(len(y), dtype=torch.bool)
+        keep[reserved] = False
+        x, y = x[keep], y[keep]
+    poisoned_set = trig.poison(x, y, target, poison_rate, seed=seed)
+    xp, yp, poisoned = poisoned_set.x, poisoned_set.y, poisoned_set.poisoned
     x_asr, _ = triggered_test_set(xt, yt, trig, target)
     mean = torch.tensor(splits.mean).view(1, -1, 1, 1)
     std = torch.tensor(splits.std).view(1, -1, 1, 1)
@@ -505,7 +548,9 @@ def run_attack(*, arch: str, data: str, out: str, trigger: str = "badnets", targ
     train_classifier(model, ((xp - mean) / std).to(dev), yp.to(dev), epochs=epochs, batch_size=batch_size, lr=lr,
                      seed=seed, progress=progress)
     report = {"kind": "anp-fast attack", "arch": arch, "arch_args": arch_args or {}, "data": data,
-              "trigger": trigger, "target": target, "poison_rate": poison_rate, "poisoned": len(poisoned),
+              "trigger": trigger, "trigger_options": trig.describe(), "target": target, "poison_rate": poison_rate,
+              "poisoned": len(poisoned), "noise_mode": len(poisoned_set.noise), "clean_label": trig.clean_label,
+              "trained_on": len(y), "reserved_clean": reserve_clean,
               "epochs": epochs, "seconds": time.perf_counter() - t0,
               "acc": accuracy(model, ((xt - mean) / std).to(dev), yt.to(dev)),
               "asr": attack_success_rate(model, ((x_asr - mean) / std).to(dev), target)}

@@ -73,7 +73,7 @@ def test_every_architecture_purifies_end_to_end(tmp_path, tiny_cifar, arch, args
     for name in PURIFY_OUTPUTS:
         assert (out / name).stat().st_size > 0, name
     assert report["neurons"] > 0 and 0 <= report["pruned_neurons"] <= report["neurons"]
-    assert set(report["after"]) == {"acc", "asr", "holdout_acc"}
+    assert set(report["after"]) == {"acc", "asr", "holdout_acc", "holdout_loss"}
     purified = load_state_dict(str(out / "purified.safetensors"))
     assert purified.keys() == load_state_dict(str(out / "purified.pt")).keys()
     model = build_arch(arch, num_classes=10, **args)
@@ -90,7 +90,7 @@ def test_attack_then_purify_from_the_cli(tmp_path, tiny_cifar, capsys):
     assert main(["purify", *TINY, "--checkpoint", str(att / "backdoored.safetensors"), "--data", tiny_cifar,
                  "--trigger", "badnets", "--target", "0", "--prune", "threshold:0.3", "--out", str(out)]) == 0
     rows = (out / "sweep.csv").read_text().splitlines()
-    assert rows[0] == "threshold,pruned,holdout_acc,acc,asr" and len(rows) == 21
+    assert rows[0] == "threshold,pruned,holdout_acc,holdout_loss,acc,asr" and len(rows) == 21
     masks_out = tmp_path / "pruned"
     assert main(["prune", "--arch", "resnet18", "--arch-arg", "width=4", "--checkpoint",
                  str(att / "backdoored.pt"), "--masks", str(out / "masks.txt"), "--data", tiny_cifar,

@@ -1,0 +1,63 @@
+"""The quality runner (python -m anp_fast_bench.quality) on a tiny matrix, its resume and its table."""
+import json
+import os
+
+import pytest
+
+from anp_fast_bench import quality
+
+TINY = ["--data", "digits-cifar", "--attacks", "badnets,sig,benign", "--rates", "0.1", "--seeds", "0",
+        "--methods", "anp,rnp", "--iters", "4", "--epochs", "1", "--width", "4", "--clean-count", "40",
+        "--snapshot-every", "2", "--dense-step", "40"]
+
+
+def test_tiny_matrix_runs_resumes_and_reports(tmp_path, capsys):
+    work, report = tmp_path / "work", tmp_path / "report"
+    assert quality.main(["--work", str(work), *TINY, "--report", str(report)]) == 0
+    out = capsys.readouterr().out
+    assert "FAILED" not in out
+    cells = json.loads((report / "cells.json").read_text())
+    assert {(c["attack"], c["method"]) for c in cells} == {(a, m) for a in ("badnets", "sig", "benign")
+                                                           for m in ("anp", "rnp")}
+    for c in cells:
+        assert set(c["before"]) >= {"acc", "asr", "holdout_acc"} and 0 <= c["pruned"] <= c["neurons"]
+        assert c["oracle"]["number"] >= 0  # a reference only: never what is pruned
+        if c["method"] == "anp":
+            assert c["stop"]["iters"] == 4 and len(c["stop"]["checks"]) >= 1
+    attack = json.loads((work / "digits-cifar" / "sig@0.1" / "s0" / "attack.json").read_text())
+    assert attack["clean_label"] and attack["trigger"] == quality.ATTACKS["sig"]
+    benign = json.loads((work / "digits-cifar" / "benign@0" / "s0" / "attack.json").read_text())
+    assert benign["poisoned"] == 0
+    table = (report / "quality.md").read_text()
+    assert table.count("\n") == 2 + 6 and "| digits-cifar | benign |" in table
+    assert (report / "quality.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    rows = (report / "quality.csv").read_text().splitlines()
+    assert rows[0].startswith("data,attack,rate,method,seeds") and len(rows) == 7
+    # a second run finds every stage done: nothing is trained or learned again
+    stamps = {p: os.path.getmtime(p) for p in work.rglob("*") if p.name in ("backdoored.safetensors", "masks.txt",
+                                                                            "eval.json")}
+    assert len(stamps) == 3 + 6 + 6
+    assert quality.main(["--work", str(work), *TINY]) == 0
+    assert all(os.path.getmtime(p) == t for p, t in stamps.items())
+
+
+def _row(attack, asr_worst, drop_worst):
+    return {"attack": attack, "asr_after_worst": asr_worst, "acc_drop_worst": drop_worst}
+
+
+@pytest.mark.parametrize("row, verdict", [
+    (_row("badnets", 0.05, 0.02), True), (_row("badnets", 0.051, 0.0), False), (_row("wanet", 0.0, 0.021), False),
+    (_row("benign", 1.0, 0.01), True), (_row("benign", 0.0, 0.011), False), (_row("blend", 0.9, 0.3), None)])
+def test_the_acceptance_bar(row, verdict):
+    assert quality.passes(row) is verdict
+
+
+def test_summary_takes_median_and_worst_seed():
+    def result(seed, acc_after, asr_after):
+        return {"data": "d", "attack": "badnets", "rate": 0.1, "method": "anp", "seed": seed, "pruned": 10 + seed,
+                "before": {"acc": 0.99, "asr": 1.0}, "after": {"acc": acc_after, "asr": asr_after},
+                "oracle": {"acc": 0.98, "asr": 0.0}}
+    (row,) = quality.summarise([result(0, 0.98, 0.0), result(1, 0.96, 0.2), result(2, 0.985, 0.01)])
+    assert row["seeds"] == 3 and row["worst_seed"] == 1
+    assert row["asr_after_worst"] == 0.2 and row["asr_after"] == 0.01
+    assert row["acc_drop_worst"] == pytest.approx(0.03) and row["acc_drop_median"] == pytest.approx(0.01)
