@@ -67,13 +67,14 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", default="anp_demo_out", help="output folder (default: %(default)s)")
     demo.add_argument("--iters", type=int, default=2000, help="ANP iterations (default: %(default)s, published)")
     demo.add_argument("--prune", default="auto",
-                      help="auto (default: the most neurons whose held-out clean accuracy stays within --budget; "
-                           "the held-out split is disjoint from training and ANP's clean set) | threshold:T | "
+                      help="auto (default: the clean walk, see README: from the lowest mask up, prune each "
+                           "neuron that costs the clean data (held-out split + ANP's clean set) little, within "
+                           "--budget) | auto:most (the most neurons in mask order within --budget) | threshold:T | "
                            "number:K | fraction:F")
     demo.add_argument("--threshold", type=float, default=None,
                       help="prune masks <= this (the published fixed rule; same as --prune threshold:T)")
     demo.add_argument("--budget", type=float, default=2.0,
-                      help="auto: largest drop of held-out clean accuracy, in points (default: %(default)s)")
+                      help="auto: largest drop of clean accuracy, in points (default: %(default)s)")
     demo.add_argument("--trigger", default="badnets",
                       help="badnets | patch | blend | sig | wanet, with options NAME:KEY=VALUE (default: badnets)")
     demo.add_argument("--target", type=int, default=0, help="backdoor target class (0-9)")
@@ -94,10 +95,10 @@ def build_parser() -> argparse.ArgumentParser:
     purify.add_argument("--holdout-fraction", type=float, default=0.2,
                         help="part of the clean data held out to choose the pruning amount (default: %(default)s)")
     purify.add_argument("--prune", default="auto",
-                        help="threshold:T | number:K | fraction:F | auto (default: %(default)s: prune as much as "
-                             "the held-out clean accuracy allows, see --budget)")
+                        help="threshold:T | number:K | fraction:F | auto (default: %(default)s: the clean walk "
+                             "on the held-out split + the clean set, see README) | auto:most | auto:first")
     purify.add_argument("--budget", type=float, default=2.0,
-                        help="auto pruning: largest drop of held-out clean accuracy, in points (default: 2)")
+                        help="auto pruning: largest drop of clean accuracy, in points (default: 2)")
     purify.add_argument("--trigger", default=None,
                         help="badnets | patch | blend | sig | wanet (NAME:KEY=VALUE,... as in attack) | an image "
                              "file: also report the attack success rate (never used to choose)")
@@ -127,8 +128,8 @@ def build_parser() -> argparse.ArgumentParser:
                                          "plot and report.")
     _add_model_data_flags(prune_p, checkpoint=True)
     prune_p.add_argument("--masks", required=True, help="mask file (published ' \\t ' format)")
-    prune_p.add_argument("--prune", default="threshold:0.2", help="threshold:T | number:K | fraction:F | auto")
-    prune_p.add_argument("--budget", type=float, default=2.0, help="auto: held-out accuracy drop allowed (points)")
+    prune_p.add_argument("--prune", default="threshold:0.2", help="threshold:T | number:K | fraction:F | auto[:walk|most|first]")
+    prune_p.add_argument("--budget", type=float, default=2.0, help="auto: clean accuracy drop allowed (points)")
     prune_p.add_argument("--trigger", default=None,
                          help="badnets | patch | blend | sig | wanet (with options) | an image file (report ASR)")
     prune_p.add_argument("--target", type=int, default=None)

@@ -78,7 +78,8 @@ def run_demo(out: str = "anp_demo_out", iters: int = 2000, prune_rule: str = "au
     train_s = time.perf_counter() - t0
     atomic_torch_save(model.state_dict(), os.path.join(out, "backdoored.pt"))
     evaluate = Evaluator(torch.device("cpu"), TensorDataset(splits.test.x, splits.test.y),
-                         TensorDataset(splits.holdout.x, splits.holdout.y), TensorDataset(x_asr, y_asr), target)
+                         TensorDataset(splits.holdout.x, splits.holdout.y), TensorDataset(x_asr, y_asr), target,
+                         clean=TensorDataset(splits.clean.x, splits.clean.y))
     before = evaluate(model)
     log(f"backdoored model: ACC {100 * before['acc']:.1f}%  ASR {100 * before['asr']:.1f}%")
 
@@ -93,7 +94,8 @@ def run_demo(out: str = "anp_demo_out", iters: int = 2000, prune_rule: str = "au
         os.remove(partial)
     save_masks(result.masks, os.path.join(out, "masks.txt"))
     if rule.get("auto"):
-        chosen = choose(model, result.masks, evaluate, budget_points=budget)["rule"]
+        chosen = choose(model, result.masks, evaluate, budget_points=budget, mode=rule["mode"],
+                        progress=progress)["rule"]
     else:
         chosen = rule
     purified = prune(model, result.masks, **chosen)

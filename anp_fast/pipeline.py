@@ -99,9 +99,15 @@ def predictions(model: nn.Module, ds: Dataset, device, batch_size: int = 256, wo
 
 # ------------------------------------------------------------------------------------------------ options
 def parse_prune_rule(text: str) -> Dict:
-    """'threshold:T' | 'number:K' | 'fraction:F' | 'auto' -> a dict for pruning.select_pruned (or auto)."""
-    if text == "auto":
-        return {"auto": True}
+    """'threshold:T' | 'number:K' | 'fraction:F' | 'auto[:walk|most|first]' -> a dict for
+    pruning.select_pruned (or auto, with its selection mode: see selection.choose)."""
+    from .selection import AUTO_MODES
+
+    if text == "auto" or text.startswith("auto:"):
+        mode = text.partition(":")[2] or "walk"
+        if mode not in AUTO_MODES:
+            raise ConfigError(f"--prune {text!r}: auto modes are {', '.join(AUTO_MODES)} (default walk)")
+        return {"auto": True, "mode": mode}
     kind, _, value = text.partition(":")
     try:
         if kind == "threshold":
@@ -121,7 +127,8 @@ def parse_prune_rule(text: str) -> Dict:
             return {"fraction": v}
     except ValueError:
         pass
-    raise ConfigError(f"--prune {text!r}: use threshold:T (e.g. threshold:0.2), number:K, fraction:F (0-1) or auto")
+    raise ConfigError(f"--prune {text!r}: use threshold:T (e.g. threshold:0.2), number:K, fraction:F (0-1), auto "
+                      "or auto:MODE (walk, most, first)")
 
 
 def check_rule(rule: Dict, budget: float, holdout_fraction: float) -> None:
@@ -224,7 +231,9 @@ def asr_dataset(splits, trigger: Optional[str], target: Optional[int]) -> Option
 # ------------------------------------------------------------------------------------------------ evaluation
 @dataclass
 class Evaluator:
-    """ACC on the test split, ASR on its triggered non-target part, ACC on the held-out clean split."""
+    """ACC on the test split, ASR on its triggered non-target part, and the defender's clean data: ACC (and
+    loss) on the held-out clean split and, when ``clean`` (the method's own clean set) is given, on it, and on
+    all of it together (``select_acc``, ``select_loss``: what ``--prune auto`` reads)."""
 
     device: torch.device
     test: Dataset
@@ -232,19 +241,30 @@ class Evaluator:
     triggered: Optional[Dataset] = None
     target: Optional[int] = None
     workers: int = 0
+    clean: Optional[Dataset] = None
     labels: Dict[str, torch.Tensor] = field(default_factory=dict)
 
     def __post_init__(self):
         self.labels["test"] = labels_of(self.test)
-        if self.holdout is not None:
-            self.labels["holdout"] = labels_of(self.holdout)
+        for name in ("holdout", "clean"):
+            if getattr(self, name) is not None:
+                self.labels[name] = labels_of(getattr(self, name))
 
     def __call__(self, model: nn.Module, holdout_only: bool = False) -> Dict[str, float]:
-        row = {}
-        if self.holdout is not None:
-            out = logits(model, self.holdout, self.device, workers=self.workers)
-            row["holdout_acc"] = float((out.argmax(1) == self.labels["holdout"]).float().mean())
-            row["holdout_loss"] = float(torch.nn.functional.cross_entropy(out, self.labels["holdout"]))
+        """Every metric; ``holdout_only``: the defender's clean data only (what choosing may look at)."""
+        row, hits, seen, loss_sum = {}, 0, 0, 0.0
+        for name in ("holdout", "clean"):
+            ds = getattr(self, name)
+            if ds is None:
+                continue
+            out = logits(model, ds, self.device, workers=self.workers)
+            right = out.argmax(1) == self.labels[name]
+            losses = torch.nn.functional.cross_entropy(out.float(), self.labels[name], reduction="none")
+            row[f"{name}_acc"] = float(right.float().mean())
+            row[f"{name}_loss"] = float(losses.mean())
+            hits, seen, loss_sum = hits + int(right.sum()), seen + len(right), loss_sum + float(losses.sum())
+        if seen:
+            row["select_acc"], row["select_loss"] = hits / seen, loss_sum / seen
         if holdout_only:
             return row
         row["acc"] = float((predictions(model, self.test, self.device, workers=self.workers)
@@ -266,7 +286,8 @@ def _pruning_sweep(model, masks, evaluator: Evaluator, rule: Dict):
     if rule.get("auto"):
         if evaluator.holdout is None:
             raise ConfigError("--prune auto needs a held-out clean split (--holdout-fraction > 0)")
-        return rows, choose(model, masks, evaluator, rule["budget"])["rule"]
+        return rows, choose(model, masks, evaluator, rule["budget"], mode=rule.get("mode", "walk"),
+                            progress=rule.get("progress", False))["rule"]
     return rows, {k: v for k, v in rule.items() if k in ("threshold", "number", "fraction")}
 
 
@@ -292,7 +313,7 @@ def run_purify(*, arch: str, checkpoint: str, data: str, out: str, config: ANPCo
     t_start = time.perf_counter()
     rule = parse_prune_rule(prune_rule)
     if rule.get("auto"):
-        rule["budget"] = budget
+        rule.update(budget=budget, progress=progress)
     if not 0 <= holdout_fraction < 1:
         raise ConfigError(f"--holdout-fraction {holdout_fraction}: must be in [0, 1)")
     check_rule(rule, budget, holdout_fraction)
@@ -328,16 +349,17 @@ def run_purify(*, arch: str, checkpoint: str, data: str, out: str, config: ANPCo
         raise DataError(f"the clean set has {len(clean_idx)} images, fewer than one batch ({config.batch_size}): "
                         "give more (--clean-count/--clean-fraction), a smaller --batch-size, or pass "
                         "--sample-with-replacement to draw full batches from it anyway")
-    if rule.get("auto") and 0 < len(holdout_idx) and 100.0 / len(holdout_idx) > budget:
-        log(f"warning: the held-out clean split has {len(holdout_idx)} images, so one image is "
-            f"{100.0 / len(holdout_idx):.1f} accuracy points, more than the {budget:g}-point budget: auto pruning "
-            "can only stop where no held-out image is lost; give more clean data for a finer choice")
+    pool = len(holdout_idx) + len(clean_idx)  # auto reads the accuracy on all the clean data
+    if rule.get("auto") and 0 < len(holdout_idx) and 100.0 / pool > budget:
+        log(f"warning: the clean data has {pool} images, so one image is {100.0 / pool:.1f} accuracy points, more "
+            f"than the {budget:g}-point budget: auto pruning can only stop where no clean image is lost; give "
+            "more clean data for a finer choice")
     clean = Subset(loaded.norm_train, clean_idx.tolist())
     holdout = Subset(loaded.norm_train, holdout_idx.tolist()) if len(holdout_idx) else None
     triggered = asr_dataset(splits, trigger, target)
     device = torch.device(config.device) if config.device else torch.device("cpu")
     model = loaded.model.to(device)
-    evaluator = Evaluator(device, loaded.norm_test, holdout, triggered, target, workers)
+    evaluator = Evaluator(device, loaded.norm_test, holdout, triggered, target, workers, clean=clean)
     make_out(out)  # every input checked: from here on files are written (each atomically)
     before = evaluator(model)
     log(f"{arch} on {splits.name}: {len(clean_idx)} clean images for ANP, {len(holdout_idx)} held out, "
@@ -360,8 +382,9 @@ def run_purify(*, arch: str, checkpoint: str, data: str, out: str, config: ANPCo
         from .selection import StopRule, choose
 
         fixed = {k: v for k, v in rule.items() if k in ("threshold", "number", "fraction")}
-        stop_rule = StopRule((lambda m: choose(model, m, evaluator, budget)["rule"]) if rule.get("auto")
-                             else (lambda m: fixed), stop_patience)
+        # the stop rule checks the cheap mask-order rule ("most"; the walk costs a clean pass per neuron)
+        stop_rule = StopRule((lambda m: choose(model, m, evaluator, budget, mode="most")["rule"])
+                             if rule.get("auto") else (lambda m: fixed), stop_patience)
         extra.update(monitor=stop_rule, monitor_every=stop_every)
     try:
         result = learn_masks(method, model, clean_data, config, progress=progress, save_every=save_every,
@@ -426,6 +449,8 @@ def _fmt(row: Dict) -> str:
 
 def _rule_text(chosen: Dict) -> str:
     (k, v), = chosen.items()
+    if k == "neurons":
+        return f"clean walk, {sum(len(i) for i in v.values())} neurons"
     return f"{k} {v:g}"
 
 
@@ -468,15 +493,17 @@ def run_prune(*, arch: str, checkpoint: str, masks_file: str, data: str, out: st
     splits = loaded.splits
     if clean_count is None and clean_fraction is None:
         clean_fraction = 0.01
-    _, holdout_idx = clean_split(len(splits.train), fraction=None if clean_count is not None else clean_fraction,
-                                 count=clean_count, holdout_fraction=holdout_fraction, seed=seed)
+    clean_idx, holdout_idx = clean_split(len(splits.train), fraction=None if clean_count is not None else
+                                         clean_fraction, count=clean_count, holdout_fraction=holdout_fraction,
+                                         seed=seed)
     holdout = Subset(loaded.norm_train, holdout_idx.tolist()) if len(holdout_idx) else None
+    clean = Subset(loaded.norm_train, clean_idx.tolist())
     if trigger is not None and (target is None or not 0 <= target < splits.num_classes):
         raise ConfigError(f"--target must be a class of {splits.name} (0-{splits.num_classes - 1})")
     triggered = asr_dataset(splits, trigger, target)
     dev = torch.device(device) if device else torch.device("cpu")
     model = loaded.model.to(dev)
-    evaluator = Evaluator(dev, loaded.norm_test, holdout, triggered, target)
+    evaluator = Evaluator(dev, loaded.norm_test, holdout, triggered, target, clean=clean)
     rows, chosen = _pruning_sweep(model, masks, evaluator, rule)
     pruned = prune(model, masks, **chosen)
     after = evaluator(pruned)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import copy
 import math
-from typing import Callable, Dict, Iterable, List, Mapping, Optional, Tuple
+from typing import Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -49,14 +49,29 @@ def _flat(masks: Mapping[str, Tensor]) -> Tuple[Tensor, List[Tuple[str, int, int
 
 
 def select_pruned(masks: Mapping[str, Tensor], threshold: Optional[float] = None,
-                  number: Optional[int] = None, fraction: Optional[float] = None) -> Dict[str, Tensor]:
+                  number: Optional[int] = None, fraction: Optional[float] = None,
+                  neurons: Optional[Mapping[str, Sequence[int]]] = None) -> Dict[str, Tensor]:
     """Which neurons to prune: ``{layer: indices}``. Exactly one rule: every neuron with mask <= threshold,
-    the ``number`` lowest, or the lowest ``fraction`` of all neurons (floor). Ties go in layer order."""
-    given = [k for k, v in (("threshold", threshold), ("number", number), ("fraction", fraction)) if v is not None]
+    the ``number`` lowest, the lowest ``fraction`` of all neurons (floor; ties go in layer order), or an
+    explicit set ``neurons`` ``{layer: [index, ...]}`` (what ``selection.walk`` chooses)."""
+    given = [k for k, v in (("threshold", threshold), ("number", number), ("fraction", fraction),
+                            ("neurons", neurons)) if v is not None]
     if len(given) != 1:
-        raise ConfigError(f"give exactly one of threshold, number, fraction (got {', '.join(given) or 'none'})")
+        raise ConfigError("give exactly one of threshold, number, fraction, neurons "
+                          f"(got {', '.join(given) or 'none'})")
     flat, spans = _flat(masks)
     n = flat.numel()
+    if neurons is not None:
+        unknown = sorted(set(neurons) - set(masks))
+        if unknown:
+            raise ConfigError(f"neurons: {', '.join(unknown[:3])} not among the masks' layers")
+        out = {}
+        for name, _, size in spans:
+            idx = sorted({int(i) for i in neurons.get(name, ())})
+            if idx and not (0 <= idx[0] and idx[-1] < size):
+                raise ConfigError(f"neurons: {name} has {size} neurons, index {idx[-1] if idx[-1] >= size else idx[0]}")
+            out[name] = torch.tensor(idx, dtype=torch.long)
+        return out
     if threshold is not None:
         if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not math.isfinite(threshold):
             raise ConfigError(f"threshold={threshold!r}: must be a finite number")
@@ -83,13 +98,14 @@ def _zero_scale(module: nn.Module, idx: Tensor) -> None:
 
 
 def prune(model: nn.Module, masks: Mapping[str, Tensor], threshold: Optional[float] = None,
-          number: Optional[int] = None, fraction: Optional[float] = None) -> nn.Module:
+          number: Optional[int] = None, fraction: Optional[float] = None,
+          neurons: Optional[Mapping[str, Sequence[int]]] = None) -> nn.Module:
     """A pruned copy of ``model``: the scale of every selected neuron set to 0. ``model`` is untouched.
     With no rule given, threshold 0.2 (published default)."""
-    if threshold is None and number is None and fraction is None:
+    if threshold is None and number is None and fraction is None and neurons is None:
         threshold = 0.2
     _check_layers(model, masks)
-    selected = select_pruned(masks, threshold, number, fraction)
+    selected = select_pruned(masks, threshold, number, fraction, neurons)
     pruned = copy.deepcopy(model)
     modules = dict(pruned.named_modules())
     for name, idx in selected.items():

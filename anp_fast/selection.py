@@ -1,12 +1,14 @@
-"""How much to prune, from held-out CLEAN data only (a defender has no triggered data), and when to stop.
+"""How much to prune, from CLEAN data only (a defender has no triggered data), and when to stop.
 
-``choose`` is the oracle-free rule ``--prune auto`` applies. ``simulate_stop`` replays the stop rule on mask
-snapshots of a finished run.
+``choose`` is the oracle-free rule ``--prune auto`` applies: ``walk`` (default) or a pruning amount in mask
+order (``auto_number``, modes ``most``/``first``). ``simulate_stop`` replays the stop rule on mask snapshots of
+a finished run.
 """
 from __future__ import annotations
 
 from typing import Callable, Dict, List, Mapping, Optional
 
+import torch
 import torch.nn as nn
 from torch import Tensor
 
@@ -19,19 +21,38 @@ def _total(masks: Mapping[str, Tensor]) -> int:
     return sum(int(m.numel()) for m in masks.values())
 
 
-def auto_number(model, masks, evaluator, budget_points: float, grid: int = 32) -> Dict:
-    """How many neurons (lowest masks first) to prune: the most whose held-out clean accuracy stays within the
-    budget -- a grid over 0..all, then bisection between the last good and the first bad grid point. Only the
-    held-out CLEAN split is looked at (``evaluator(model, holdout_only=True)``)."""
+def auto_number(model, masks, evaluator, budget_points: float, grid: int = 32, mode: str = "most") -> Dict:
+    """How many neurons (lowest masks first) to prune, from the held-out CLEAN split only
+    (``evaluator(model, holdout_only=True)["holdout_acc"]``), within ``budget_points`` of held-out accuracy.
+
+    ``mode="most"``: the most neurons whose held-out accuracy is within the budget (a grid over 0..all, then
+    bisection between the last good and the next grid point); ``mode="first"``: stop before the FIRST count
+    whose accuracy falls below the budget (the grid is walked up to it, then bisected), so a later recovery
+    of the noisy curve cannot pull the choice past an accuracy drop."""
+    if mode not in ("most", "first"):
+        from .errors import ConfigError
+
+        raise ConfigError(f"auto mode {mode!r}: 'most' or 'first'")
     total = _total(masks)
     holdout = lambda m: evaluator(m, holdout_only=True)  # noqa: E731
     numbers = sorted({round(total * i / grid) for i in range(grid + 1)})
-    rows = sweep(model, masks, holdout, numbers=numbers)
-    base = rows[0]["holdout_acc"]
-    ok = lambda r: 100 * (base - r["holdout_acc"]) <= budget_points + 1e-9  # noqa: E731
-    best = max((r for r in rows if ok(r)), key=lambda r: r["number"])
-    above = [r["number"] for r in rows if r["number"] > best["number"]]
-    lo, hi = best["number"], (min(above) if above else best["number"])
+    (base_row,) = sweep(model, masks, holdout, numbers=[0])
+    key = "select_acc" if "select_acc" in base_row else "holdout_acc"
+    base = base_row[key]
+    ok = lambda r: 100 * (base - r[key]) <= budget_points + 1e-9  # noqa: E731
+    if mode == "most":
+        rows = [base_row] + sweep(model, masks, holdout, numbers=numbers[1:])
+        lo = max(r["number"] for r in rows if ok(r))
+        above = [n for n in numbers if n > lo]
+    else:
+        lo, above = 0, []
+        for n in numbers[1:]:
+            (row,) = sweep(model, masks, holdout, numbers=[n])
+            if not ok(row):
+                above = [n]
+                break
+            lo = n
+    hi = min(above) if above else lo
     while hi - lo > 1:
         mid = (lo + hi) // 2
         (row,) = sweep(model, masks, holdout, numbers=[mid])
@@ -42,9 +63,109 @@ def auto_number(model, masks, evaluator, budget_points: float, grid: int = 32) -
     return {"number": lo}
 
 
-def choose(model: nn.Module, masks: Mapping[str, Tensor], evaluator, budget_points: float = 2.0) -> Dict:
-    """The oracle-free pruning amount: ``{"rule": {"number": K}, ...}`` (what it looked at alongside)."""
-    return {"rule": auto_number(model, masks, evaluator, budget_points), "name": "holdout-budget"}
+WALK_TAU = 0.002      # nats of mean clean cross-entropy one neuron may add and still be pruned
+WALK_FLOOR = 0.2      # masks below this (the published threshold) are pruned without the loss test
+WALK_PATIENCE = 20    # the walk ends after this many neurons in a row were kept
+WALK_MAX_FRACTION = 0.6  # ... or after the lowest 60% of the neurons (the demo's walks ended at 43-59%)
+
+
+def _clean_tensors(evaluator):
+    """The defender's clean images (held-out split and the method's clean set), materialised once."""
+    from torch.utils.data import ConcatDataset, DataLoader
+
+    sets = [ds for ds in (getattr(evaluator, "holdout", None), getattr(evaluator, "clean", None)) if ds is not None]
+    if not sets:
+        from .errors import ConfigError
+
+        raise ConfigError("--prune auto needs clean data to choose on (a held-out split or the clean set)")
+    xs, ys = zip(*DataLoader(ConcatDataset(sets), batch_size=512))
+    return torch.cat(xs), torch.cat(ys).long()
+
+
+def walk(model: nn.Module, masks: Mapping[str, Tensor], evaluator, budget_points: float = 2.0,
+         tau: float = WALK_TAU, floor: float = WALK_FLOOR, patience: int = WALK_PATIENCE,
+         max_fraction: float = WALK_MAX_FRACTION, progress: bool = False) -> Dict:
+    """Which neurons to prune, from clean data only: walk the neurons from the lowest mask up and prune each
+    one unless pruning it (on top of those already pruned) raises the mean clean cross-entropy by more than
+    ``tau`` nats (tested only for masks >= ``floor``) or takes the clean accuracy more than ``budget_points``
+    below the unpruned model's; such a neuron is kept and the walk goes on; it ends after ``patience``
+    consecutive kept neurons, or after the lowest ``max_fraction`` of all neurons. Clean data: the evaluator's
+    held-out split and the method's clean set together.
+
+    Why: pruning in mask order alone is a single cut; on the demo's models, the neurons that carry the
+    backdoor and the low-mask neurons that carry clean accuracy interleave, and for 2 of 4 seeds no cut gave
+    ASR <= 5% within 2 points of ACC (not even the oracle's); the walk keeps the latter. Cost: one forward
+    over the clean data per neuron walked (on the demo about 650 of 1,200 neurons, 45-65 s on one core);
+    for models with many thousand neurons ``auto:most`` is the cheap choice.
+    Returns ``{"neurons": {layer: [index, ...]}}`` for :func:`anp_fast.pruning.prune`."""
+    from .pruning import _check_layers, _flat
+    import torch.nn.functional as F
+
+    if not (tau >= 0 and isinstance(patience, int) and patience >= 1 and 0 < max_fraction <= 1):
+        from .errors import ConfigError
+
+        raise ConfigError(f"walk: tau={tau} must be >= 0, patience={patience} an integer >= 1 and "
+                          f"max_fraction={max_fraction} in (0, 1]")
+    x, y = _clean_tensors(evaluator)
+    device = getattr(evaluator, "device", torch.device("cpu"))
+    found = _check_layers(model, masks)
+    flat, spans = _flat(masks)
+    owner = [(name, i) for name, _, size in spans for i in range(size)]
+    work = __import__("copy").deepcopy(model).eval()
+    modules = dict(work.named_modules())
+    from .layers import norm_kind
+
+    # row i of each view is neuron i's scale (as pruning.prune zeroes it)
+    scales = {name: (modules[name].weight.view(-1, 1) if norm_kind(modules[name]) is not None
+                     else modules[name].weight.view(modules[name].weight.shape[0], -1)) for name in found}
+
+    def clean_eval():
+        with torch.no_grad():
+            out = torch.cat([work(x[i:i + 256].to(device)).float().cpu() for i in range(0, len(x), 256)])
+        return float(F.cross_entropy(out, y)), float((out.argmax(1) == y).float().mean())
+
+    base_loss, base_acc = clean_eval()
+    prev, kept_in_row = base_loss, 0
+    chosen: Dict[str, List[int]] = {name: [] for name, _, _ in spans}
+    order = torch.sort(flat, stable=True).indices.tolist()[:max(1, int(max_fraction * len(owner)))]
+    bar = None
+    if progress:
+        from .progress import progress_bar
+
+        bar = progress_bar(len(order), "choosing neurons (clean walk)", unit="neuron")
+    for j in order:
+        name, i = owner[j]
+        w = scales[name]
+        with torch.no_grad():
+            saved = w[i].clone()
+            w[i] = 0
+        loss, acc = clean_eval()
+        if bar is not None:
+            bar.update(1)
+        if (float(flat[j]) >= floor and loss - prev > tau) or 100 * (base_acc - acc) > budget_points + 1e-9:
+            with torch.no_grad():
+                w[i] = saved
+            kept_in_row += 1
+            if kept_in_row >= patience:
+                break
+        else:
+            chosen[name].append(i)
+            prev, kept_in_row = loss, 0
+    if bar is not None:
+        bar.close()
+    return {"neurons": {name: idx for name, idx in chosen.items() if idx}}
+
+
+AUTO_MODES = ("walk", "most", "first")
+
+
+def choose(model: nn.Module, masks: Mapping[str, Tensor], evaluator, budget_points: float = 2.0,
+           mode: str = "walk", progress: bool = False) -> Dict:
+    """The oracle-free pruning choice: ``{"rule": {...}, "name": ...}``; ``mode`` ``walk`` (default: see
+    :func:`walk`) or ``most``/``first`` (a number in mask order: :func:`auto_number`)."""
+    if mode == "walk":
+        return {"rule": walk(model, masks, evaluator, budget_points, progress=progress), "name": "clean-walk"}
+    return {"rule": auto_number(model, masks, evaluator, budget_points, mode=mode), "name": f"holdout-{mode}"}
 
 
 def pruned_set(masks: Mapping[str, Tensor], rule: Dict) -> frozenset:
@@ -82,7 +203,8 @@ class StopRule:
 
 def simulate_stop(model, masks, snapshots: Dict, evaluator, budget_points: float = 2.0,
                   patience: int = 3) -> Optional[Dict]:
-    """Replay :class:`StopRule` on a finished run's mask ``snapshots`` ({"iterations", "masks" (S, N) flat,
+    """Replay :class:`StopRule` (checking the mask-order rule ``most``, as ``purify --stop-patience`` does) on a
+    finished run's mask ``snapshots`` ({"iterations", "masks" (S, N) flat,
     "layers"}): where it would have stopped, and the pruned model it would have given (``evaluator`` row)."""
     import torch
 
@@ -96,12 +218,12 @@ def simulate_stop(model, masks, snapshots: Dict, evaluator, budget_points: float
     def as_masks(flat):
         return dict(zip(snapshots["layers"], torch.split(flat, sizes)))
 
-    rule = StopRule(lambda m: choose(model, m, evaluator, budget_points)["rule"], patience)
+    rule = StopRule(lambda m: choose(model, m, evaluator, budget_points, mode="most")["rule"], patience)
     for it, flat in zip(its, snapshots["masks"]):
         if rule.observe(it, as_masks(flat)):
             stopped = as_masks(flat)
             chosen = rule.checks[-1]["rule"]
-            final_rule = choose(model, masks, evaluator, budget_points)["rule"]
+            final_rule = choose(model, masks, evaluator, budget_points, mode="most")["rule"]
             return {"stopped_at": it, "iters": its[-1], "saved": its[-1] - it, "rule": chosen,
                     "same_set": pruned_set(stopped, chosen) == pruned_set(masks, final_rule),
                     "after": evaluator(prune(model, stopped, **chosen)), "checks": rule.checks}

@@ -120,10 +120,11 @@ def _setup(cell: Cell, s: Settings):
                                  {"width": s.width})
     clean_idx, holdout_idx = clean_split(len(loaded.splits.train), count=s.clean_count,
                                          holdout_fraction=s.holdout_fraction, seed=cell.seed)
-    clean = tensors_of(Subset(loaded.norm_train, clean_idx.tolist()))
+    clean_set = Subset(loaded.norm_train, clean_idx.tolist())
+    clean = tensors_of(clean_set)
     holdout = Subset(loaded.norm_train, holdout_idx.tolist())
     triggered = asr_dataset(loaded.splits, attack_spec(cell.data, cell.attack), TARGET)
-    evaluator = Evaluator(torch.device("cpu"), loaded.norm_test, holdout, triggered, TARGET)
+    evaluator = Evaluator(torch.device("cpu"), loaded.norm_test, holdout, triggered, TARGET, clean=clean_set)
     return loaded.model, clean, evaluator
 
 

@@ -31,7 +31,7 @@ def test_demo_purifies_at_one_and_two_threads(tmp_path):
         assert summary["before"]["asr"] >= 0.95, (threads, summary["before"])
         assert summary["after"]["asr"] <= 0.05, (threads, summary["after"], summary["chosen"])
         assert summary["before"]["acc"] - summary["after"]["acc"] <= 0.02, (threads, summary["after"])
-        assert summary["prune"] == "auto" and "number" in summary["chosen"]
+        assert summary["prune"] == "auto" and "neurons" in summary["chosen"]
         assert summary["sizes"]["holdout"] > 0
         for name in ("masks.txt", "summary.json", "sweep.csv", "anp_demo.png", "purified.pt", "backdoored.pt"):
             assert (out / name).stat().st_size > 0, name
@@ -42,7 +42,7 @@ def test_demo_purifies_at_one_and_two_threads(tmp_path):
         zeroed = sum(int((m.weight == 0).sum()) for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d))
         assert zeroed >= summary["pruned_neurons"]
         assert (out / "anp_demo.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-        assert "before ANP" in stdout and "after ANP (number" in stdout
+        assert "before ANP" in stdout and "after ANP (clean walk" in stdout
         assert summary["config"]["precision"] == "bf16" and summary["config"]["iters"] == 2000
 
 

@@ -10,6 +10,7 @@ import torch
 from anp_fast import ANPConfig
 from anp_fast.checkpoint import load_state_dict, save_checkpoint
 from anp_fast.cli import main
+from anp_fast.errors import ConfigError
 from anp_fast.datasets import write_cifar
 from anp_fast.pipeline import PURIFY_OUTPUTS, auto_number, parse_prune_rule, run_purify
 from anp_fast.archs import build_arch
@@ -34,7 +35,7 @@ def tiny_checkpoint(tmp_path_factory):
 
 
 TINY = ["--arch", "resnet18", "--arch-arg", "width=4", "--iters", "2", "--batch-size", "8", "--clean-count", "20",
-        "--no-progress"]
+        "--no-progress", "--prune", "auto:most"]  # a later --prune wins; the clean walk is tested on its own
 
 
 def _snapshot(folder):
@@ -69,11 +70,14 @@ def test_every_architecture_purifies_end_to_end(tmp_path, tiny_cifar, arch, args
     out = tmp_path / "out"
     report = run_purify(arch=arch, checkpoint=str(ckpt) + ".pt", data=tiny_cifar, out=str(out),
                         config=ANPConfig(iters=2, batch_size=8, seed=1), arch_args=args, clean_count=20,
-                        prune_rule="auto", trigger="badnets", target=0, progress=False, log=lambda *a: None)
+                        # the clean walk costs a clean pass per neuron: walked on the small models only
+                        prune_rule="auto" if arch in ("resnet18", "wrn16") and args else "auto:most",
+                        trigger="badnets", target=0, progress=False, log=lambda *a: None)
     for name in PURIFY_OUTPUTS:
         assert (out / name).stat().st_size > 0, name
     assert report["neurons"] > 0 and 0 <= report["pruned_neurons"] <= report["neurons"]
-    assert set(report["after"]) == {"acc", "asr", "holdout_acc", "holdout_loss"}
+    assert set(report["after"]) == {"acc", "asr", "holdout_acc", "holdout_loss", "clean_acc", "clean_loss",
+                                    "select_acc", "select_loss"}
     purified = load_state_dict(str(out / "purified.safetensors"))
     assert purified.keys() == load_state_dict(str(out / "purified.pt")).keys()
     model = build_arch(arch, num_classes=10, **args)
@@ -90,7 +94,8 @@ def test_attack_then_purify_from_the_cli(tmp_path, tiny_cifar, capsys):
     assert main(["purify", *TINY, "--checkpoint", str(att / "backdoored.safetensors"), "--data", tiny_cifar,
                  "--trigger", "badnets", "--target", "0", "--prune", "threshold:0.3", "--out", str(out)]) == 0
     rows = (out / "sweep.csv").read_text().splitlines()
-    assert rows[0] == "threshold,pruned,holdout_acc,holdout_loss,acc,asr" and len(rows) == 21
+    assert rows[0] == ("threshold,pruned,holdout_acc,holdout_loss,clean_acc,clean_loss,select_acc,select_loss,acc,"
+                       "asr") and len(rows) == 21
     masks_out = tmp_path / "pruned"
     assert main(["prune", "--arch", "resnet18", "--arch-arg", "width=4", "--checkpoint",
                  str(att / "backdoored.pt"), "--masks", str(out / "masks.txt"), "--data", tiny_cifar,
@@ -101,7 +106,7 @@ def test_attack_then_purify_from_the_cli(tmp_path, tiny_cifar, capsys):
 def test_resume_from_the_cli_matches_an_uninterrupted_run(tmp_path, tiny_cifar, tiny_checkpoint, monkeypatch):
     from anp_fast.engine import ANPEngine
 
-    common = [*TINY[:-1], "--iters", "6", "--checkpoint", tiny_checkpoint, "--data", tiny_cifar, "--no-progress",
+    common = [*TINY, "--iters", "6", "--checkpoint", tiny_checkpoint, "--data", tiny_cifar, "--no-progress",
               "--no-channels-last"]
     full = tmp_path / "full"
     assert main(["purify", *common, "--out", str(full)]) == 0
@@ -218,7 +223,10 @@ def test_prune_rules_and_auto_choice():
     assert parse_prune_rule("threshold:0.2") == {"threshold": 0.2}
     assert parse_prune_rule("number:5") == {"number": 5}
     assert parse_prune_rule("fraction:0.1") == {"fraction": 0.1}
-    assert parse_prune_rule("auto") == {"auto": True}
+    assert parse_prune_rule("auto") == {"auto": True, "mode": "walk"}
+    assert parse_prune_rule("auto:most") == {"auto": True, "mode": "most"}
+    with pytest.raises(ConfigError, match="auto modes"):
+        parse_prune_rule("auto:best")
 
     # auto: a held-out accuracy losing 0.1 point per pruned neuron -> a 2-point budget allows exactly 20
     model = torch.nn.Sequential(torch.nn.Conv2d(1, 150, 1), torch.nn.BatchNorm2d(150))
@@ -234,6 +242,52 @@ def test_prune_rules_and_auto_choice():
     assert auto_number(model, masks, evaluator, 0.0) == {"number": 0}
     assert auto_number(model, masks, evaluator, 100.0) == {"number": 150}
     assert len(seen) < 3 * 40  # grid + bisection, not every count
+
+
+def _walk_problem():
+    """Six channels that copy the input (+1 for class 1, -1 for class 0); the classifier reads channels 1, 2,
+    4, 5 only, so pruning 0 or 3 costs nothing and pruning any other one shrinks the margin (loss up)."""
+    from torch.utils.data import TensorDataset
+
+    from anp_fast.pipeline import Evaluator
+
+    model = torch.nn.Sequential(torch.nn.Conv2d(1, 6, 1, bias=False), torch.nn.BatchNorm2d(6),
+                                torch.nn.Flatten(), torch.nn.Linear(6, 2, bias=False))
+    with torch.no_grad():
+        model[0].weight.fill_(1.0)
+        reads = torch.tensor([0.0, 1, 1, 0, 1, 1])
+        model[3].weight.copy_(torch.stack([-reads, reads]))
+    model.eval()
+    y = torch.arange(40) % 2
+    x = (2.0 * y - 1).float().view(-1, 1, 1, 1)
+    half = TensorDataset(x[:20], y[:20]), TensorDataset(x[20:], y[20:])
+    evaluator = Evaluator(torch.device("cpu"), half[0], half[0], None, None, clean=half[1])
+    # mask order: 0 (harmless), 1 (read, below the floor), 2 (read), 3 (harmless), 4, 5 (read)
+    masks = {"1": torch.tensor([0.05, 0.1, 0.3, 0.4, 0.5, 0.6])}
+    return model, masks, evaluator
+
+
+def test_clean_walk_keeps_costly_neurons_and_goes_on():
+    from anp_fast.pruning import prune
+    from anp_fast.selection import choose, walk
+
+    model, masks, evaluator = _walk_problem()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    # 0 pruned; 1 pruned unconditionally (mask < floor 0.2); 2 kept (loss up); 3 pruned; 4, 5 kept -> stop
+    full = dict(max_fraction=1.0)
+    assert walk(model, masks, evaluator, 2.0, tau=1e-6, patience=2, **full) == {"neurons": {"1": [0, 1, 3]}}
+    assert walk(model, masks, evaluator, 2.0, tau=1e-6, patience=1, **full) == {"neurons": {"1": [0, 1]}}
+    assert walk(model, masks, evaluator, 2.0, tau=1e-6, floor=0.0, patience=9, **full) == {"neurons": {"1": [0, 3]}}
+    # the walk covers the lowest 60% of the neurons by default: 0, 1, 2 here
+    assert walk(model, masks, evaluator, 2.0, tau=1e-6, patience=9) == {"neurons": {"1": [0, 1]}}
+    # a loose tau prunes everything the accuracy budget allows: the last read channel is kept (accuracy 0.5)
+    assert walk(model, masks, evaluator, 2.0, tau=10.0, patience=9, **full) == {"neurons": {"1": [0, 1, 2, 3, 4]}}
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())  # the model is untouched
+    rule = choose(model, masks, evaluator, 2.0)["rule"]
+    pruned = prune(model, masks, **rule)
+    assert pruned[1].weight.tolist() == [0.0 if i in rule["neurons"]["1"] else 1.0 for i in range(6)]
+    with pytest.raises(ConfigError, match="patience"):
+        walk(model, masks, evaluator, 2.0, patience=0)
 
 
 # Mistakes found by probing the CLI: each refused up front, in one line, before anything is written or run.
