@@ -278,7 +278,7 @@ class Evaluator:
 from .selection import THRESHOLDS, auto_number  # noqa: E402  (re-exported: the rule lives in selection)
 
 
-def _pruning_sweep(model, masks, evaluator: Evaluator, rule: Dict):
+def _pruning_sweep(model, masks, evaluator: Evaluator, rule: Dict, progress: bool = False):
     """The sweep rows (threshold grid, every column) and the chosen rule."""
     from .selection import choose
 
@@ -287,7 +287,7 @@ def _pruning_sweep(model, masks, evaluator: Evaluator, rule: Dict):
         if evaluator.holdout is None:
             raise ConfigError("--prune auto needs a held-out clean split (--holdout-fraction > 0)")
         return rows, choose(model, masks, evaluator, rule["budget"], mode=rule.get("mode", "walk"),
-                            progress=rule.get("progress", False))["rule"]
+                            progress=progress)["rule"]
     return rows, {k: v for k, v in rule.items() if k in ("threshold", "number", "fraction")}
 
 
@@ -313,7 +313,7 @@ def run_purify(*, arch: str, checkpoint: str, data: str, out: str, config: ANPCo
     t_start = time.perf_counter()
     rule = parse_prune_rule(prune_rule)
     if rule.get("auto"):
-        rule.update(budget=budget, progress=progress)
+        rule["budget"] = budget
     if not 0 <= holdout_fraction < 1:
         raise ConfigError(f"--holdout-fraction {holdout_fraction}: must be in [0, 1)")
     check_rule(rule, budget, holdout_fraction)
@@ -395,7 +395,7 @@ def run_purify(*, arch: str, checkpoint: str, data: str, out: str, config: ANPCo
         raise
     masks = result.masks
     save_masks(masks, os.path.join(out, "masks.txt"))
-    rows, chosen = _pruning_sweep(model, masks, evaluator, rule)
+    rows, chosen = _pruning_sweep(model, masks, evaluator, rule, progress)
     purified = prune(model, masks, **chosen)
     after = evaluator(purified)
     n_pruned = pruned_count(masks, **chosen)

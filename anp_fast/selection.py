@@ -22,10 +22,11 @@ def _total(masks: Mapping[str, Tensor]) -> int:
 
 
 def auto_number(model, masks, evaluator, budget_points: float, grid: int = 32, mode: str = "most") -> Dict:
-    """How many neurons (lowest masks first) to prune, from the held-out CLEAN split only
-    (``evaluator(model, holdout_only=True)["holdout_acc"]``), within ``budget_points`` of held-out accuracy.
+    """How many neurons (lowest masks first) to prune, from clean data only
+    (``evaluator(model, holdout_only=True)``: ``select_acc``, the held-out split and the method's clean set
+    together, where the evaluator has both, else ``holdout_acc``), within ``budget_points`` of that accuracy.
 
-    ``mode="most"``: the most neurons whose held-out accuracy is within the budget (a grid over 0..all, then
+    ``mode="most"``: the most neurons whose clean accuracy is within the budget (a grid over 0..all, then
     bisection between the last good and the next grid point); ``mode="first"``: stop before the FIRST count
     whose accuracy falls below the budget (the grid is walked up to it, then bisected), so a later recovery
     of the noisy curve cannot pull the choice past an accuracy drop."""
