@@ -89,12 +89,18 @@ def select_pruned(masks: Mapping[str, Tensor], threshold: Optional[float] = None
     return {name: chosen[o:o + size].nonzero().flatten() for name, o, size in spans}
 
 
+def scale_rows(module: nn.Module) -> Tensor:
+    """``module``'s per-neuron scale, indexed by neuron on its first dimension (a view: writing to entry i
+    prunes neuron i): a norm layer's weight, flattened; a gated conv/linear layer's weight itself, whose
+    output-channel rows are the scale (any memory format)."""
+    w = module.weight
+    return w.view(-1) if norm_kind(module) is not None else w
+
+
 def _zero_scale(module: nn.Module, idx: Tensor) -> None:
+    rows = scale_rows(module)
     with torch.no_grad():
-        if norm_kind(module) is not None:
-            module.weight.view(-1)[idx.to(module.weight.device)] = 0
-        else:  # a gated conv/linear: its weight rows are the output channels' scale
-            module.weight[idx.to(module.weight.device)] = 0
+        rows[idx.to(rows.device)] = 0
 
 
 def prune(model: nn.Module, masks: Mapping[str, Tensor], threshold: Optional[float] = None,

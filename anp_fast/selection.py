@@ -99,7 +99,7 @@ def walk(model: nn.Module, masks: Mapping[str, Tensor], evaluator, budget_points
     over the clean data per neuron walked (on the demo about 650 of 1,200 neurons, 45-65 s on one core);
     for models with many thousand neurons ``auto:most`` is the cheap choice.
     Returns ``{"neurons": {layer: [index, ...]}}`` for :func:`anp_fast.pruning.prune`."""
-    from .pruning import _check_layers, _flat
+    from .pruning import _check_layers, _flat, scale_rows
     import torch.nn.functional as F
 
     if not (tau >= 0 and isinstance(patience, int) and patience >= 1 and 0 < max_fraction <= 1):
@@ -114,11 +114,7 @@ def walk(model: nn.Module, masks: Mapping[str, Tensor], evaluator, budget_points
     owner = [(name, i) for name, _, size in spans for i in range(size)]
     work = __import__("copy").deepcopy(model).eval()
     modules = dict(work.named_modules())
-    from .layers import norm_kind
-
-    # row i of each view is neuron i's scale (as pruning.prune zeroes it)
-    scales = {name: (modules[name].weight.view(-1, 1) if norm_kind(modules[name]) is not None
-                     else modules[name].weight.view(modules[name].weight.shape[0], -1)) for name in found}
+    scales = {name: scale_rows(modules[name]) for name in found}  # row i: neuron i's scale
 
     def clean_eval():
         with torch.no_grad():

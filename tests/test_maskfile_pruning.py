@@ -115,3 +115,24 @@ def test_non_finite_scores_and_binary_files_are_refused(tmp_path):
         load_masks(binary)
     with pytest.raises(MaskFileError, match="is a directory"):
         load_masks(tmp_path)
+
+
+def test_prune_zeroes_gated_rows_in_any_memory_format():
+    """A gated conv's scale is its weight's output-channel rows, whatever the layout (channels_last weights
+    cannot be viewed as (out, -1)); norm layers and gated layers go through one helper (pruning.scale_rows)."""
+    from anp_fast.pruning import scale_rows
+
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(3, 4, 3).to(memory_format=torch.channels_last)
+    assert not conv.weight.is_contiguous()
+    model = torch.nn.Sequential(conv)
+    pruned = prune(model, {"0": torch.tensor([0.9, 0.1, 0.8, 0.05])}, threshold=0.2)
+    w = pruned[0].weight
+    assert w.is_contiguous(memory_format=torch.channels_last)
+    assert torch.count_nonzero(w[1]) == 0 and torch.count_nonzero(w[3]) == 0
+    assert torch.equal(w[0], conv.weight[0]) and torch.equal(w[2], conv.weight[2])
+    assert torch.equal(pruned[0].bias, conv.bias)  # the bias is not the scale
+    bn = torch.nn.BatchNorm2d(5)
+    with torch.no_grad():
+        scale_rows(bn)[2] = 0
+    assert bn.weight.tolist() == [1, 1, 0, 1, 1]  # a view, not a copy
