@@ -154,6 +154,20 @@ def load_state_dict(path: Union[str, os.PathLike]) -> Dict[str, Tensor]:
     return {k: (v.detach() if isinstance(v, nn.Parameter) else v) for k, v in sd.items()}
 
 
+def checkpoint_metadata(path: Union[str, os.PathLike]) -> Dict[str, str]:
+    """The string metadata of a .safetensors checkpoint's header ({} for other formats or none)."""
+    path = os.fspath(path)
+    if not os.path.isfile(path) or not _is_safetensors(path):
+        return {}
+    try:
+        from safetensors import safe_open
+
+        with safe_open(path, framework="pt") as f:
+            return dict(f.metadata() or {})
+    except Exception:  # an unreadable file is reported by load_state_dict
+        return {}
+
+
 def _listing(names: List[str]) -> str:
     shown = ", ".join(names[:SHOWN])
     return shown + (f", ... ({len(names) - SHOWN} more)" if len(names) > SHOWN else "")
@@ -233,10 +247,12 @@ def _stem(stem: Union[str, os.PathLike]) -> str:
 
 
 def save_checkpoint(state_dict_or_model: Union[nn.Module, Mapping[str, Tensor]],
-                    stem: Union[str, os.PathLike]) -> Tuple[str, str]:
+                    stem: Union[str, os.PathLike], metadata: Optional[Mapping[str, str]] = None) -> Tuple[str, str]:
     """Write ``stem.safetensors`` and ``stem.pt`` (a plain state_dict via torch.save), each atomically
     (temporary file beside it, fsync, rename). Tensors are moved to the CPU, made contiguous, and tensors
-    sharing storage are copied apart. A trailing .pt/.pth/.safetensors on ``stem`` is dropped. Returns
+    sharing storage are copied apart. A trailing .pt/.pth/.safetensors on ``stem`` is dropped. ``metadata``
+    (strings): stored in the .safetensors header (e.g. the input normalisation,
+    :func:`anp_fast.normalization.to_metadata`); the .pt stays a plain state_dict. Returns
     ``(safetensors_path, pt_path)``."""
     from safetensors.torch import save as st_save
 
@@ -245,7 +261,8 @@ def save_checkpoint(state_dict_or_model: Union[nn.Module, Mapping[str, Tensor]],
     folder = os.path.dirname(os.path.abspath(base))
     os.makedirs(folder, exist_ok=True)
     st_path, pt_path = base + ".safetensors", base + ".pt"
-    blob = st_save(dict(tensors), metadata={"format": "pt"})
+    blob = st_save(dict(tensors), metadata={**{str(k): str(v) for k, v in (metadata or {}).items()},
+                                            "format": "pt"})
     atomic_write(st_path, lambda f: f.write(blob), binary=True)
     atomic_write(pt_path, lambda f: torch.save(tensors, f), binary=True)
     return st_path, pt_path

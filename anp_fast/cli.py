@@ -210,6 +210,15 @@ def _add_model_data_flags(p: argparse.ArgumentParser, checkpoint: bool) -> None:
         p.add_argument("--checkpoint", help="the model's weights: .safetensors, or a .pt/.pth state_dict "
                                             "(loaded with weights_only: nothing in it is executed)")
     p.add_argument("--data", help="digits | digits3 | cifar10:DIR | cifar100:DIR | imagefolder:DIR[:SIZE]")
+    p.add_argument("--normalize", default=None, metavar="CONVENTION|MEAN/STD",
+                   help="the input normalisation the model was trained with: dataset (the data set's own), "
+                        "published (the ANP code's CIFAR-10 std 0.2023,0.1994,0.2010), backdoorbench, torchvision "
+                        "(ImageNet), none, or MEAN/STD per channel (e.g. 0.5/0.5); default: what the checkpoint "
+                        "records (checkpoints anp_fast writes), else dataset")
+    if checkpoint:
+        p.add_argument("--force", action="store_true",
+                       help="go on when the checkpoint fails the plausibility check (clean accuracy near chance, "
+                            "or one class taking most predictions: usually the wrong --normalize or --arch)")
     p.add_argument("--out", help="output folder")
     p.add_argument("--overwrite", action="store_true", help="replace our result files already in --out")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -275,7 +284,8 @@ def _purify(args) -> int:
                budget=args.budget, trigger=args.trigger, target=args.target, save_every=args.save_every,
                resume=args.resume is not None, overwrite=args.overwrite,
                allow_small_clean=args.sample_with_replacement, workers=args.workers,
-               progress=not args.no_progress, command={"argv": argv})
+               progress=not args.no_progress, command={"argv": argv}, normalize=args.normalize,
+               force=args.force)
     return 0
 
 
@@ -287,7 +297,8 @@ def _prune(args) -> int:
               prune_rule=args.prune, arch_args=_arch_args(args.arch_arg), budget=args.budget,
               trigger=args.trigger, target=args.target, seed=args.seed, device=args.device,
               clean_fraction=args.clean_fraction, clean_count=args.clean_count,
-              holdout_fraction=args.holdout_fraction, overwrite=args.overwrite)
+              holdout_fraction=args.holdout_fraction, overwrite=args.overwrite, normalize=args.normalize,
+              force=args.force)
     return 0
 
 
@@ -298,7 +309,7 @@ def _attack(args) -> int:
     run_attack(arch=args.arch, data=args.data, out=args.out, trigger=args.trigger, target=args.target,
                poison_rate=args.poison_rate, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                arch_args=_arch_args(args.arch_arg), seed=args.seed, device=args.device, overwrite=args.overwrite,
-               reserve_clean=args.reserve_clean, progress=not args.no_progress)
+               reserve_clean=args.reserve_clean, progress=not args.no_progress, normalize=args.normalize)
     return 0
 
 

@@ -81,6 +81,9 @@ def run_demo(out: str = "anp_demo_out", iters: int = 2000, prune_rule: str = "au
                          TensorDataset(splits.holdout.x, splits.holdout.y), TensorDataset(x_asr, y_asr), target,
                          clean=TensorDataset(splits.clean.x, splits.clean.y))
     before = evaluate(model)
+    from .pipeline import plausibility
+
+    plausible = plausibility(model, evaluate.test, 10, torch.device("cpu"))  # what purify checks a checkpoint by
     log(f"backdoored model: ACC {100 * before['acc']:.1f}%  ASR {100 * before['asr']:.1f}%")
 
     partial = os.path.join(out, "masks.partial.txt")
@@ -109,7 +112,7 @@ def run_demo(out: str = "anp_demo_out", iters: int = 2000, prune_rule: str = "au
                          title=f"ANP on digits, {trigger} backdoor, {iters} iterations, {n_pruned} pruned "
                                f"({_rule_text(chosen)})")
     summary = {
-        "kind": "anp-fast demo",
+        "kind": "anp-fast demo", "plausibility": plausible,
         "before": before, "after": after, "prune": prune_rule, "chosen": chosen, "budget_points": budget,
         "pruned_neurons": n_pruned, "neurons": result.num_neurons,
         "trigger": trigger, "target": target, "poison_rate": poison_rate, "poisoned": len(poisoned),

@@ -15,7 +15,7 @@ import os
 import platform
 import time
 from dataclasses import dataclass, field
-from typing import Dict, Optional, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -26,6 +26,7 @@ from .engine import Interrupted
 from .errors import ANPError, ConfigError, DataError
 from .fileio import atomic_write_text
 from .maskfile import load_masks, save_masks
+from .normalization import to_metadata
 from .pruning import pruned_count, prune, sweep
 from .report import write_csv, write_json
 from .surgery import perturbable_layers
@@ -179,29 +180,55 @@ def check_device(device: Optional[str], cuda_graphs: bool = False) -> None:
 
 @dataclass
 class Loaded:
-    """A model (with its checkpoint) and the data around it."""
+    """A model (with its checkpoint) and the data around it, normalised with ``normalization``
+    (``splits.mean``/``std`` are its constants); ``notes``: lines for the user about where it came from."""
 
     model: nn.Module
     splits: object  # datasets.DatasetSplits
     norm_train: Dataset
     norm_test: Dataset
+    normalization: object = None  # normalization.Normalization
+    notes: List[str] = field(default_factory=list)
+    data_mean: Sequence[float] = ()  # the data set's own constants (the "dataset" convention)
+    data_std: Sequence[float] = ()
 
 
 def load_model_and_data(arch: str, checkpoint: Optional[str], data: str, arch_args: Dict,
-                        data_root: Optional[str] = None) -> Loaded:
+                        data_root: Optional[str] = None, normalize: Optional[str] = None) -> Loaded:
+    """The architecture (with the checkpoint's weights) and the data set, normalised as ``normalize`` says (a
+    convention of :mod:`anp_fast.normalization` or MEAN/STD); when it is None, as the checkpoint's metadata
+    records (checkpoints anp_fast writes), else the data set's own constants."""
+    import dataclasses
+
     from .archs import build_arch
-    from .checkpoint import apply_state_dict, load_state_dict
+    from .checkpoint import apply_state_dict, checkpoint_metadata, load_state_dict
     from .datasets import load_dataset
+    from .normalization import from_metadata, resolve
 
     reserved = sorted({"num_classes", "in_channels"} & set(arch_args))
     if reserved:
         raise ConfigError(f"--arch-arg {', '.join(reserved)}: set by the data set, not by an --arch-arg")
     splits = load_dataset(data, root=data_root) if data_root else load_dataset(data)
+    norm = resolve(normalize, splits.name, splits.in_channels, splits.mean, splits.std)
+    notes = []
+    stored = from_metadata(checkpoint_metadata(checkpoint)) if checkpoint is not None else None
+    if stored is not None and len(stored.mean) != splits.in_channels:
+        notes.append(f"warning: {checkpoint} records a {len(stored.mean)}-channel normalisation, the data has "
+                     f"{splits.in_channels} channels: ignored")
+        stored = None
+    if stored is not None and normalize is None:
+        norm = stored
+        notes.append(f"normalisation from the checkpoint's metadata ({norm.describe()})")
+    elif stored is not None and (stored.mean, stored.std) != (norm.mean, norm.std):
+        notes.append(f"warning: --normalize {normalize} ({norm.describe()}) differs from the normalisation "
+                     f"{checkpoint} was written with ({stored.describe()}); the model may be evaluated wrongly")
+    data_mean, data_std = tuple(splits.mean), tuple(splits.std)
+    splits = dataclasses.replace(splits, mean=norm.mean, std=norm.std)
     model = build_arch(arch, num_classes=splits.num_classes, in_channels=splits.in_channels, **arch_args)
     if checkpoint is not None:
         apply_state_dict(model, load_state_dict(checkpoint))
     return Loaded(model, splits, Normalized(splits.train, splits.mean, splits.std),
-                  Normalized(splits.test, splits.mean, splits.std))
+                  Normalized(splits.test, splits.mean, splits.std), norm, notes, data_mean, data_std)
 
 
 def make_trigger_spec(spec: Optional[str], image_shape):
@@ -275,6 +302,90 @@ class Evaluator:
         return row
 
 
+PLAUSIBLE_SAMPLE = 2000   # test images the plausibility check looks at (evenly spaced)
+CHANCE_FACTOR = 1.5       # clean accuracy at or below 1.5x chance: the model does not fit this data as loaded
+DOMINANT_SHARE = 0.5      # ... or one class takes more than half of the predictions of clean images
+
+
+BETTER_BY = 0.10          # ... or another normalisation convention gives 10 points more clean accuracy
+
+
+def _sample(test: Dataset) -> Dataset:
+    n = len(test)
+    if n <= PLAUSIBLE_SAMPLE:
+        return test
+    return Subset(test, sorted({int(i * n / PLAUSIBLE_SAMPLE) for i in range(PLAUSIBLE_SAMPLE)}))
+
+
+def plausibility(model: nn.Module, test: Dataset, num_classes: int, device, workers: int = 0) -> Dict:
+    """How the loaded model does on (up to 2,000 evenly spaced) clean test images, and whether that looks like a
+    model that fits this data: ``{"acc", "chance", "top_class", "top_share", "ok", "why", "images"}``.
+    Near-chance accuracy, or one class taking most predictions while it holds far fewer of the labels, means the
+    checkpoint is evaluated wrongly (normalisation, architecture, label order) far more often than that it is
+    this bad."""
+    sample = _sample(test)
+    pred = predictions(model, sample, device, workers=workers)
+    labels = labels_of(sample)
+    n = len(labels)
+    acc = float((pred == labels).float().mean()) if n else 1.0
+    counts = torch.bincount(pred, minlength=num_classes).float() if n else torch.zeros(max(1, num_classes))
+    top = int(counts.argmax())
+    share = float(counts[top] / max(1, n))
+    label_share = float((labels == top).float().mean()) if n else 0.0
+    chance = 1.0 / num_classes
+    why = []
+    if n and num_classes >= 2 and acc <= CHANCE_FACTOR * chance:
+        why.append(f"clean test accuracy {100 * acc:.1f}% is near chance ({100 * chance:.1f}%)")
+    if n and num_classes >= 3 and share > DOMINANT_SHARE and share > 2 * label_share:
+        why.append(f"class {top} takes {100 * share:.0f}% of the predictions of clean images (it is "
+                   f"{100 * label_share:.0f}% of their labels)")
+    return {"acc": acc, "chance": chance, "top_class": top, "top_share": share, "ok": not why, "why": why,
+            "images": n}
+
+
+def _other_conventions(model: nn.Module, loaded: "Loaded", device, workers: int) -> Dict[str, float]:
+    """Clean accuracy of the model under each other named normalisation convention this data set has."""
+    from .normalization import CONVENTIONS, resolve
+
+    splits, current = loaded.splits, loaded.normalization
+    base = _sample(splits.test)
+    labels = labels_of(base)
+    found = {}
+    for name in CONVENTIONS:
+        try:
+            norm = resolve(name, splits.name, splits.in_channels, loaded.data_mean, loaded.data_std)
+        except ConfigError:
+            continue
+        if (norm.mean, norm.std) == (current.mean, current.std):
+            continue
+        pred = predictions(model, Normalized(base, norm.mean, norm.std), device, workers=workers)
+        found[name] = float((pred == labels).float().mean()) if len(labels) else 0.0
+    return found
+
+
+def check_plausible(model: nn.Module, loaded: "Loaded", device, checkpoint: str, force: bool, log,
+                    workers: int = 0) -> Dict:
+    """Stop (DataError) before any work is spent when the loaded checkpoint does not look like a model of this
+    data as loaded (see :func:`plausibility`), or when another normalisation convention gives it at least 10
+    points more clean accuracy; with ``force``, warn and go on. Returns the findings (for the report)."""
+    found = plausibility(model, loaded.norm_test, loaded.splits.num_classes, device, workers)
+    others = _other_conventions(model, loaded, device, workers)
+    found["other_conventions"] = others
+    best = max(others.items(), key=lambda kv: kv[1], default=None)
+    if best is not None and best[1] >= found["acc"] + BETTER_BY:
+        found["why"].append(f"with --normalize {best[0]} its clean accuracy is {100 * best[1]:.1f}%, as loaded "
+                            f"{100 * found['acc']:.1f}%")
+        found["ok"] = False
+    if not found["ok"]:
+        text = (f"{checkpoint} does not look like a model of {loaded.splits.name} as loaded: {'; '.join(found['why'])}. "
+                f"Likely causes: the wrong input normalisation (now {loaded.normalization.describe()}; set "
+                "--normalize), the wrong --arch/--arch-arg, or a different label order")
+        if not force:
+            raise DataError(text + "; pass --force to go on anyway")
+        log("warning: " + text + " (--force: going on)")
+    return found
+
+
 from .selection import THRESHOLDS, auto_number  # noqa: E402  (re-exported: the rule lives in selection)
 
 
@@ -299,13 +410,16 @@ def run_purify(*, arch: str, checkpoint: str, data: str, out: str, config: ANPCo
                save_every: int = 0, resume: bool = False, overwrite: bool = False,
                allow_small_clean: bool = False, workers: int = 0, progress: bool = True,
                command: Optional[Dict] = None, method: str = "anp", method_options=None,
-               stop_patience: int = 0, stop_every: int = 100, log=print) -> Dict:
+               stop_patience: int = 0, stop_every: int = 100, normalize: Optional[str] = None,
+               force: bool = False, log=print) -> Dict:
     """Load, learn masks with ``method`` (``anp``, ``rnp`` or a registered front end's; ``method_options``:
     its own settings, e.g. an RNPConfig), prune, and write every output into ``out``; returns the report.
     ``command``: the arguments to record in ``out/command.json`` for a later ``--resume``. ``stop_patience``
     K > 0: the opt-in stop rule (:class:`anp_fast.selection.StopRule`): every ``stop_every`` iterations the
     pruning rule is applied to the current masks, and the loop ends once the set it would prune has not changed
-    over K checks."""
+    over K checks. ``normalize``: the input normalisation (:mod:`anp_fast.normalization`; default: the
+    checkpoint's recorded one, else the data set's). ``force``: go on when the loaded checkpoint fails the
+    plausibility check (:func:`check_plausible`)."""
     from .methods import METHODS
     from .checkpoint import save_checkpoint
     from .datasets import clean_split
@@ -336,7 +450,7 @@ def run_purify(*, arch: str, checkpoint: str, data: str, out: str, config: ANPCo
                           "another --out, or --overwrite to run again there")
     resume = resume and saved_state
     check_out(out, PURIFY_OUTPUTS, overwrite, resume)
-    loaded = load_model_and_data(arch, checkpoint, data, arch_args or {})
+    loaded = load_model_and_data(arch, checkpoint, data, arch_args or {}, normalize=normalize)
     check_rule_fits(rule, sum(n for _, n in perturbable_layers(loaded.model, config.layers)))
     splits = loaded.splits
     if target is not None and not 0 <= target < splits.num_classes:
@@ -360,10 +474,13 @@ def run_purify(*, arch: str, checkpoint: str, data: str, out: str, config: ANPCo
     device = torch.device(config.device) if config.device else torch.device("cpu")
     model = loaded.model.to(device)
     evaluator = Evaluator(device, loaded.norm_test, holdout, triggered, target, workers, clean=clean)
+    for note in loaded.notes:
+        log(note)
+    plausible = check_plausible(model, loaded, device, checkpoint, force, log, workers)
     make_out(out)  # every input checked: from here on files are written (each atomically)
     before = evaluator(model)
-    log(f"{arch} on {splits.name}: {len(clean_idx)} clean images for ANP, {len(holdout_idx)} held out, "
-        f"{len(splits.test)} test; before: " + _fmt(before))
+    log(f"{arch} on {splits.name} (normalisation {loaded.normalization.describe()}): {len(clean_idx)} clean images "
+        f"for ANP, {len(holdout_idx)} held out, {len(splits.test)} test; before: " + _fmt(before))
     if rule.get("auto") and looks_memorized(before):
         log(f"warning: the held-out clean images look memorized (accuracy {100 * before['holdout_acc']:.1f}%, mean "
             f"loss {before['holdout_loss']:.4f}): they were probably part of the model's training data. Their "
@@ -399,7 +516,7 @@ def run_purify(*, arch: str, checkpoint: str, data: str, out: str, config: ANPCo
     purified = prune(model, masks, **chosen)
     after = evaluator(purified)
     n_pruned = pruned_count(masks, **chosen)
-    save_checkpoint(purified.state_dict(), os.path.join(out, "purified"))
+    save_checkpoint(purified.state_dict(), os.path.join(out, "purified"), metadata=to_metadata(loaded.normalization))
     write_csv(os.path.join(out, "sweep.csv"), rows)
     from .report import plot_mask_histograms, plot_pruning_sweep
     cut = _cut_value(masks, chosen)
@@ -409,7 +526,7 @@ def run_purify(*, arch: str, checkpoint: str, data: str, out: str, config: ANPCo
                        extra={"pruned": n_pruned, **after}, title=f"pruning {arch} on {splits.name}")
     report = {
         "kind": "anp-fast purify", "arch": arch, "arch_args": arch_args or {}, "checkpoint": checkpoint,
-        "data": data, "sizes": {"clean": len(clean_idx), "holdout": len(holdout_idx), "test": len(splits.test)},
+        "data": data, "normalization": loaded.normalization.to_dict(), "plausibility": plausible, "sizes": {"clean": len(clean_idx), "holdout": len(holdout_idx), "test": len(splits.test)},
         "trigger": trigger, "target": target, "prune": prune_rule, "chosen": chosen, "budget_points": budget,
         "before": before, "after": after, "pruned_neurons": n_pruned, "neurons": result.num_neurons,
         "method": method, "method_info": result.info,
@@ -468,7 +585,8 @@ def run_prune(*, arch: str, checkpoint: str, masks_file: str, data: str, out: st
               arch_args: Optional[Dict] = None, budget: float = 2.0, holdout_fraction: float = 0.2,
               clean_fraction: Optional[float] = None, clean_count: Optional[int] = None,
               trigger: Optional[str] = None, target: Optional[int] = None, seed: int = 0,
-              device: Optional[str] = None, overwrite: bool = False, log=print) -> Dict:
+              device: Optional[str] = None, overwrite: bool = False, normalize: Optional[str] = None,
+              force: bool = False, log=print) -> Dict:
     """Masks + checkpoint -> pruned checkpoint, sweep CSV and report. The held-out clean split (for auto) is the
     one ``purify`` drew with the same clean fraction/count, holdout fraction and seed."""
     from .checkpoint import save_checkpoint
@@ -481,7 +599,9 @@ def run_prune(*, arch: str, checkpoint: str, masks_file: str, data: str, out: st
     check_rule(rule, budget, holdout_fraction)
     check_device(device)
     check_out(out, outputs, overwrite)
-    loaded = load_model_and_data(arch, checkpoint, data, arch_args or {})
+    loaded = load_model_and_data(arch, checkpoint, data, arch_args or {}, normalize=normalize)
+    for note in loaded.notes:
+        log(note)
     masks = load_masks(masks_file)
     check_rule_fits(rule, sum(m.numel() for m in masks.values()))
     layers = [name for name, _ in perturbable_layers(loaded.model)]
@@ -504,20 +624,22 @@ def run_prune(*, arch: str, checkpoint: str, masks_file: str, data: str, out: st
     dev = torch.device(device) if device else torch.device("cpu")
     model = loaded.model.to(dev)
     evaluator = Evaluator(dev, loaded.norm_test, holdout, triggered, target, clean=clean)
+    plausible = check_plausible(model, loaded, dev, checkpoint, force, log)
     rows, chosen = _pruning_sweep(model, masks, evaluator, rule)
     pruned = prune(model, masks, **chosen)
     after = evaluator(pruned)
     make_out(out)
-    save_checkpoint(pruned.state_dict(), os.path.join(out, "pruned"))
+    save_checkpoint(pruned.state_dict(), os.path.join(out, "pruned"), metadata=to_metadata(loaded.normalization))
     write_csv(os.path.join(out, "sweep.csv"), rows)
     from .report import plot_pruning_sweep
     n_pruned = pruned_count(masks, **chosen)
     plot_pruning_sweep(os.path.join(out, "pruning_sweep.png"), rows, n_pruned, chosen_label=_rule_text(chosen),
                        extra={"pruned": n_pruned, **after}, title=f"pruning {arch} on {splits.name}")
     report = {"kind": "anp-fast prune", "arch": arch, "checkpoint": checkpoint, "masks": masks_file, "data": data,
-              "chosen": chosen, "after": after, "pruned_neurons": pruned_count(masks, **chosen)}
+              "normalization": loaded.normalization.to_dict(), "plausibility": plausible, "chosen": chosen, "after": after, "pruned_neurons": pruned_count(masks, **chosen)}
     write_json(os.path.join(out, "prune_report.json"), report)
-    log(f"pruned {report['pruned_neurons']} neurons ({_rule_text(chosen)}): " + _fmt(after))
+    log(f"pruned {report['pruned_neurons']} neurons ({_rule_text(chosen)}; normalisation "
+        f"{loaded.normalization.describe()}): " + _fmt(after))
     return report
 
 
@@ -526,7 +648,7 @@ def run_attack(*, arch: str, data: str, out: str, trigger: str = "badnets", targ
                poison_rate: float = 0.1, epochs: int = 30, batch_size: int = 128, lr: float = 0.05,
                arch_args: Optional[Dict] = None, seed: int = 0, device: Optional[str] = None,
                reserve_clean: Optional[int] = None, overwrite: bool = False, progress: bool = True,
-               log=print) -> Dict:
+               normalize: Optional[str] = None, log=print) -> Dict:
     """Train a backdoored model (research and tests): poison ``poison_rate`` of the training images.
     ``reserve_clean`` N: leave out of training the N images that ``purify --clean-count N --seed SEED`` will
     take as the defender's clean data (a defender's own images, never seen by the model)."""
@@ -544,7 +666,7 @@ def run_attack(*, arch: str, data: str, out: str, trigger: str = "badnets", targ
         raise ConfigError(f"--lr {lr}: must be a finite number > 0")
     check_device(device)
     check_out(out, ATTACK_OUTPUTS, overwrite)
-    loaded = load_model_and_data(arch, None, data, arch_args or {})
+    loaded = load_model_and_data(arch, None, data, arch_args or {}, normalize=normalize)
     splits = loaded.splits
     if not 0 <= target < splits.num_classes:
         raise ConfigError(f"--target {target}: {splits.name} has classes 0-{splits.num_classes - 1}")
@@ -575,6 +697,7 @@ def run_attack(*, arch: str, data: str, out: str, trigger: str = "badnets", targ
     train_classifier(model, ((xp - mean) / std).to(dev), yp.to(dev), epochs=epochs, batch_size=batch_size, lr=lr,
                      seed=seed, progress=progress)
     report = {"kind": "anp-fast attack", "arch": arch, "arch_args": arch_args or {}, "data": data,
+              "normalization": loaded.normalization.to_dict(),
               "trigger": trigger, "trigger_options": trig.describe(), "target": target, "poison_rate": poison_rate,
               "poisoned": len(poisoned), "noise_mode": len(poisoned_set.noise), "clean_label": trig.clean_label,
               "trained_on": len(y), "reserved_clean": reserve_clean,
@@ -582,10 +705,11 @@ def run_attack(*, arch: str, data: str, out: str, trigger: str = "badnets", targ
               "acc": accuracy(model, ((xt - mean) / std).to(dev), yt.to(dev)),
               "asr": attack_success_rate(model, ((x_asr - mean) / std).to(dev), target)}
     make_out(out)
-    save_checkpoint(model.state_dict(), os.path.join(out, "backdoored"))
+    save_checkpoint(model.state_dict(), os.path.join(out, "backdoored"), metadata=to_metadata(loaded.normalization))
     write_json(os.path.join(out, "attack.json"), report)
     log(f"backdoored {arch} on {splits.name}: ACC {100 * report['acc']:.1f}%, ASR {100 * report['asr']:.1f}% "
-        f"({len(poisoned)} training images poisoned with {trigger}, target {target}); wrote "
+        f"({len(poisoned)} training images poisoned with {trigger}, target {target}; normalisation "
+        f"{loaded.normalization.describe()}); wrote "
         f"{', '.join(ATTACK_OUTPUTS)} to {out}")
     return report
 

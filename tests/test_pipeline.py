@@ -35,7 +35,7 @@ def tiny_checkpoint(tmp_path_factory):
 
 
 TINY = ["--arch", "resnet18", "--arch-arg", "width=4", "--iters", "2", "--batch-size", "8", "--clean-count", "20",
-        "--no-progress", "--prune", "auto:most"]  # a later --prune wins; the clean walk is tested on its own
+        "--no-progress", "--prune", "auto:most", "--force"]  # a later --prune wins; the clean walk is tested on its own
 
 
 def _snapshot(folder):
@@ -72,7 +72,8 @@ def test_every_architecture_purifies_end_to_end(tmp_path, tiny_cifar, arch, args
                         config=ANPConfig(iters=2, batch_size=8, seed=1), arch_args=args, clean_count=20,
                         # the clean walk costs a clean pass per neuron: walked on the small models only
                         prune_rule="auto" if arch in ("resnet18", "wrn16") and args else "auto:most",
-                        trigger="badnets", target=0, progress=False, log=lambda *a: None)
+                        trigger="badnets", target=0, progress=False, log=lambda *a: None,
+                        force=True)  # random weights: the plausibility check would stop it
     for name in PURIFY_OUTPUTS:
         assert (out / name).stat().st_size > 0, name
     assert report["neurons"] > 0 and 0 <= report["pruned_neurons"] <= report["neurons"]
@@ -99,7 +100,7 @@ def test_attack_then_purify_from_the_cli(tmp_path, tiny_cifar, capsys):
     masks_out = tmp_path / "pruned"
     assert main(["prune", "--arch", "resnet18", "--arch-arg", "width=4", "--checkpoint",
                  str(att / "backdoored.pt"), "--masks", str(out / "masks.txt"), "--data", tiny_cifar,
-                 "--clean-count", "20", "--prune", "auto", "--out", str(masks_out)]) == 0
+                 "--clean-count", "20", "--prune", "auto", "--out", str(masks_out), "--force"]) == 0
     assert (masks_out / "pruned.safetensors").exists() and (masks_out / "prune_report.json").exists()
 
 
@@ -326,7 +327,7 @@ def test_attack_refuses_bad_training_values(tmp_path, tiny_cifar, capsys, extra,
 def test_prune_refuses_a_checkpoint_as_masks_and_warns_of_partial_masks(tmp_path, tiny_cifar, tiny_checkpoint,
                                                                         capsys):
     base = ["prune", "--arch", "resnet18", "--arch-arg", "width=4", "--checkpoint", tiny_checkpoint, "--data",
-            tiny_cifar, "--clean-count", "20"]
+            tiny_cifar, "--clean-count", "20", "--force"]
     _fails(capsys, base + ["--masks", tiny_checkpoint, "--out", str(tmp_path / "p")], "is not text")
     partial = tmp_path / "partial.txt"
     partial.write_text("No \t Layer Name \t Neuron Idx \t Mask Score\n"

@@ -129,7 +129,7 @@ def test_purify_with_rnp_and_presets_from_the_cli(tmp_path):
     save_checkpoint(build_arch("resnet18", num_classes=10, width=4), str(tmp_path / "m"))
     common = ["purify", "--arch", "resnet18", "--arch-arg", "width=4", "--checkpoint", str(tmp_path / "m.pt"),
               "--data", f"cifar10:{tmp_path / 'data'}", "--clean-count", "30", "--no-progress",
-              "--sample-with-replacement"]
+              "--sample-with-replacement", "--force"]  # random weights: past the plausibility check
     out = tmp_path / "rnp"
     assert main([*common, "--method", "rnp", "--rnp-recover-epochs", "2", "--rnp-batch-size", "8",
                  "--out", str(out)]) == 0
