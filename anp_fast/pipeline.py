@@ -666,6 +666,7 @@ def run_attack(*, arch: str, data: str, out: str, trigger: str = "badnets", targ
         raise ConfigError(f"--lr {lr}: must be a finite number > 0")
     check_device(device)
     check_out(out, ATTACK_OUTPUTS, overwrite)
+    torch.manual_seed(seed)  # the model's initial weights too: the same seed gives the same checkpoint
     loaded = load_model_and_data(arch, None, data, arch_args or {}, normalize=normalize)
     splits = loaded.splits
     if not 0 <= target < splits.num_classes:
