@@ -253,7 +253,56 @@ class ImageTrigger(Trigger):
         return _corner(x, p, self.margin, "trigger")
 
 
-TRIGGERS = {"badnets": BadNets, "patch": RandomPatch, "blend": Blend, "sig": SIG, "wanet": WaNet}
+_CHECKER_VALUES = ((0, 0, 255), (0, 255, 0), (255, 0, 255))  # the published 3x3 trigger, uint8
+
+
+@dataclass
+class PublishedCheckerboard(Trigger):
+    """The published ANP code's BadNets triggers (csdongxian/ANP_backdoor, ``data/poison_cifar.py``), exactly:
+    ``corners=1`` is its ``checkerboard_1corner`` (3x3 values 0/255 centred on row/column 30 of a 32x32 image,
+    i.e. rows/columns 29-31, the same in every channel; ``--poison-type badnets``), ``corners=4`` its
+    ``checkerboard_4corner`` (that pattern at all four corners, mirrored left-right on the left side;
+    ``clean-label``'s trigger). ``alpha``: its ``--trigger-alpha``, computed as it does on uint8 pixels
+    (``(1 - alpha) x + alpha p``, clipped and truncated to uint8). Other image sizes: the same offsets from the
+    borders (row/column H-2 and 1)."""
+
+    corners: int = 1
+    alpha: float = 1.0
+    name: str = "published-badnets"
+
+    def pattern_and_mask(self, h: int, w: int) -> Tuple[Tensor, Tensor]:
+        pattern = torch.zeros(h, w, dtype=torch.float64)
+        mask = torch.zeros(h, w, dtype=torch.float64)
+        values = torch.tensor(_CHECKER_VALUES, dtype=torch.float64)
+        rows = [h - 2] if self.corners == 1 else [1, h - 2]
+        for r in rows:
+            pattern[r - 1:r + 2, w - 3:w] = values
+            mask[r - 1:r + 2, w - 3:w] = 1
+            if self.corners == 4:
+                pattern[r - 1:r + 2, 0:3] = values.flip(1)  # its [h + 1][-w - 2]: columns mirrored
+                mask[r - 1:r + 2, 0:3] = 1
+        return pattern, mask
+
+    def apply(self, x: Tensor) -> Tensor:
+        h, w = x.shape[-2:]
+        if h < 6 or w < 6:
+            raise ConfigError(f"trigger {self.name}: images of {w}x{h} are too small (6x6 at least)")
+        pattern, mask = self.pattern_and_mask(h, w)
+        orig = (x.double() * 255).round()
+        out = (1 - mask) * orig + mask * ((1 - self.alpha) * orig + self.alpha * pattern)
+        return (out.clamp(0, 255).floor() / 255).to(x.dtype)
+
+
+@dataclass
+class PublishedFourCorner(PublishedCheckerboard):
+    """``checkerboard_4corner`` of the published code (see :class:`PublishedCheckerboard`)."""
+
+    corners: int = 4
+    name: str = "published-4corner"
+
+
+TRIGGERS = {"badnets": BadNets, "patch": RandomPatch, "blend": Blend, "sig": SIG, "wanet": WaNet,
+            "published-badnets": PublishedCheckerboard, "published-4corner": PublishedFourCorner}
 
 
 def make_trigger(name: str, **kwargs) -> Trigger:
@@ -313,6 +362,8 @@ def _check_values(t: Trigger) -> None:
         bad = "alpha must be in (0, 1]"
     elif isinstance(t, SIG) and not (t.delta > 0 and t.f > 0 and (t.test_delta is None or t.test_delta > 0)):
         bad = "delta, test_delta and f must be > 0"
+    elif isinstance(t, PublishedCheckerboard) and not (0 < t.alpha <= 1 and t.corners in (1, 4)):
+        bad = "alpha must be in (0, 1] and corners 1 or 4"
     elif isinstance(t, WaNet) and (t.k < 2 or t.s <= 0 or t.grid_rescale <= 0 or t.cross_ratio < 0):
         bad = "k must be >= 2, s and grid_rescale > 0, cross_ratio >= 0"
     if bad:

@@ -100,7 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
     purify.add_argument("--budget", type=float, default=2.0,
                         help="auto pruning: largest drop of clean accuracy, in points (default: 2)")
     purify.add_argument("--trigger", default=None,
-                        help="badnets | patch | blend | sig | wanet (NAME:KEY=VALUE,... as in attack) | an image "
+                        help="badnets | patch | blend | sig | wanet | published-badnets | published-4corner "
+                             "(NAME:KEY=VALUE,... as in attack) | an image "
                              "file: also report the attack success rate (never used to choose)")
     purify.add_argument("--target", type=int, default=None, help="the backdoor's target class (with --trigger)")
     purify.add_argument("--save-every", type=int, default=0, help="save the run state every N iterations")
@@ -131,7 +132,8 @@ def build_parser() -> argparse.ArgumentParser:
     prune_p.add_argument("--prune", default="threshold:0.2", help="threshold:T | number:K | fraction:F | auto[:walk|most|first]")
     prune_p.add_argument("--budget", type=float, default=2.0, help="auto: clean accuracy drop allowed (points)")
     prune_p.add_argument("--trigger", default=None,
-                         help="badnets | patch | blend | sig | wanet (with options) | an image file (report ASR)")
+                         help="badnets | patch | blend | sig | wanet | published-badnets | published-4corner (with "
+                              "options) | an image file (report ASR)")
     prune_p.add_argument("--target", type=int, default=None)
     prune_p.add_argument("--seed", type=int, default=0, help="seed of the held-out clean split (as in purify)")
     prune_p.add_argument("--clean-fraction", type=float, default=None, help="as given to purify (default 0.01)")

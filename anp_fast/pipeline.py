@@ -377,7 +377,8 @@ def check_plausible(model: nn.Module, loaded: "Loaded", device, checkpoint: str,
                             f"{100 * found['acc']:.1f}%")
         found["ok"] = False
     if not found["ok"]:
-        text = (f"{checkpoint} does not look like a model of {loaded.splits.name} as loaded: {'; '.join(found['why'])}. "
+        text = (f"{checkpoint} does not look like a model of {loaded.splits.name} as loaded: "
+                f"{'; '.join(found['why'])}. "
                 f"Likely causes: the wrong input normalisation (now {loaded.normalization.describe()}; set "
                 "--normalize), the wrong --arch/--arch-arg, or a different label order")
         if not force:

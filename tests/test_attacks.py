@@ -136,3 +136,61 @@ def test_trigger_specs():
     assert parse_trigger("sig").describe() == {"delta": 40 / 255, "f": 6, "test_delta": None,
                                                 "name": "sig"}
     assert not math.isnan(parse_trigger("wanet").describe()["s"])
+
+
+def _published_trigger(kind):
+    """csdongxian/ANP_backdoor data/poison_cifar.py::generate_trigger, re-implemented from its source."""
+    import numpy as np
+
+    values = [[0, 0, 255], [0, 255, 0], [255, 0, 255]]
+    region = [-1, 0, 1]
+    if kind == "checkerboard_1corner":
+        pattern = np.zeros((32, 32, 1), dtype=np.uint8) + 122
+        mask = np.zeros((32, 32, 1), dtype=np.uint8)
+        for h in region:
+            for w in region:
+                pattern[30 + h, 30 + w, 0] = values[h + 1][w + 1]
+                mask[30 + h, 30 + w, 0] = 1
+    else:
+        pattern = np.zeros((32, 32, 1), dtype=np.uint8)
+        mask = np.zeros((32, 32, 1), dtype=np.uint8)
+        for center in [1, 30]:
+            for h in region:
+                for w in region:
+                    pattern[center + h, 30 + w, 0] = values[h + 1][w + 1]
+                    pattern[center + h, 1 + w, 0] = values[h + 1][- w - 2]
+                    mask[center + h, 30 + w, 0] = 1
+                    mask[center + h, 1 + w, 0] = 1
+    return pattern, mask
+
+
+@pytest.mark.parametrize("name, kind", [("published-badnets", "checkerboard_1corner"),
+                                        ("published-4corner", "checkerboard_4corner")])
+@pytest.mark.parametrize("alpha", [1.0, 0.5, 0.3])
+def test_published_triggers_match_the_published_code(name, kind, alpha):
+    """Its add_trigger_cifar rule on uint8 HWC images (clip, then astype uint8) vs ours on [0, 1] CHW floats."""
+    import numpy as np
+
+    from anp_fast.attacks import parse_trigger
+
+    rng = np.random.default_rng(0)
+    data = rng.integers(0, 256, (7, 32, 32, 3), dtype=np.uint8)
+    pattern, mask = _published_trigger(kind)
+    ref = np.clip((1 - mask) * data + mask * ((1 - alpha) * data + alpha * pattern), 0, 255).astype(np.uint8)
+    trig = parse_trigger(f"{name}:alpha={alpha}" if alpha != 1.0 else name, (3, 32, 32))
+    x = torch.from_numpy(data).permute(0, 3, 1, 2).float() / 255
+    ours = (trig.apply(x) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    assert np.array_equal(ours, ref)
+    changed = (ref != data).any(axis=(0, 3))
+    rows, cols = np.nonzero(changed)
+    assert rows.max() <= 31 and (kind == "checkerboard_4corner" or rows.min() >= 29)
+
+
+def test_published_trigger_options_are_checked():
+    from anp_fast.attacks import parse_trigger
+
+    for bad in ("published-badnets:alpha=0", "published-badnets:corners=2"):
+        with pytest.raises(ConfigError):
+            parse_trigger(bad, (3, 32, 32))
+    with pytest.raises(ConfigError, match="too small"):
+        parse_trigger("published-badnets", (1, 4, 4)).apply(torch.zeros(1, 1, 4, 4))
