@@ -256,6 +256,38 @@ class ImageTrigger(Trigger):
 _CHECKER_VALUES = ((0, 0, 255), (0, 255, 0), (255, 0, 255))  # the published 3x3 trigger, uint8
 
 
+def _uint8_blend(x: Tensor, pattern: Tensor, mask: Tensor, alpha: float) -> Tensor:
+    """The published code's trigger rule on uint8 pixels: ``(1 - m) x + m ((1 - alpha) x + alpha p)``, clipped
+    and truncated to uint8 (``x`` in [0, 1]; ``pattern`` in 0-255 and ``mask`` broadcast over (C, H, W))."""
+    orig = (x.double() * 255).round()
+    out = (1 - mask) * orig + mask * ((1 - alpha) * orig + alpha * pattern)
+    return (out.clamp(0, 255).floor() / 255).to(x.dtype)
+
+
+@dataclass
+class TriggerInfo(Trigger):
+    """A trigger read from the published code's ``trigger_info.th`` (:func:`anp_fast.checkpoint.load_trigger_info`):
+    its ``trigger_pattern`` and ``trigger_mask`` ((1, H, W, C) uint8, C 1 or the images' channels) and
+    ``trigger_alpha``, applied by its rule (:func:`_uint8_blend`)."""
+
+    pattern: Optional[Tensor] = None  # (C, H, W), 0-255
+    mask: Optional[Tensor] = None
+    alpha: float = 1.0
+    source: str = ""
+    name: str = "trigger-info"
+
+    def apply(self, x: Tensor) -> Tensor:
+        c, h, w = x.shape[-3:]
+        if self.pattern.shape[-2:] != (h, w) or self.pattern.shape[0] not in (1, c):
+            raise ConfigError(f"{self.source}: its trigger is {tuple(self.pattern.shape)} (C, H, W), the images "
+                              f"are {(c, h, w)}")
+        return _uint8_blend(x, self.pattern.double(), self.mask.double(), self.alpha)
+
+    def describe(self) -> Dict:
+        return {"name": self.name, "source": self.source, "alpha": self.alpha,
+                "pixels": int((self.mask != 0).any(0).sum())}
+
+
 @dataclass
 class PublishedCheckerboard(Trigger):
     """The published ANP code's BadNets triggers (csdongxian/ANP_backdoor, ``data/poison_cifar.py``), exactly:
@@ -288,9 +320,7 @@ class PublishedCheckerboard(Trigger):
         if h < 6 or w < 6:
             raise ConfigError(f"trigger {self.name}: images of {w}x{h} are too small (6x6 at least)")
         pattern, mask = self.pattern_and_mask(h, w)
-        orig = (x.double() * 255).round()
-        out = (1 - mask) * orig + mask * ((1 - self.alpha) * orig + self.alpha * pattern)
-        return (out.clamp(0, 255).floor() / 255).to(x.dtype)
+        return _uint8_blend(x, pattern, mask, self.alpha)
 
 
 @dataclass

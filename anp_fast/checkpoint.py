@@ -266,3 +266,60 @@ def save_checkpoint(state_dict_or_model: Union[nn.Module, Mapping[str, Tensor]],
     atomic_write(st_path, lambda f: f.write(blob), binary=True)
     atomic_write(pt_path, lambda f: torch.save(tensors, f), binary=True)
     return st_path, pt_path
+
+
+def _numpy_globals():
+    """What a torch.save of plain numpy arrays needs (arrays of plain dtypes only: object arrays are refused)."""
+    import numpy as np
+
+    from .datasets import _numpy_reconstruct, _plain_dtype
+
+    rec = _numpy_reconstruct()
+    kinds = (np.bool_, np.uint8, np.int8, np.int16, np.int32, np.int64, np.uint16, np.uint32, np.uint64,
+             np.float16, np.float32, np.float64)
+    return [(rec, "numpy.core.multiarray._reconstruct"), (rec, "numpy._core.multiarray._reconstruct"),
+            (np.ndarray, "numpy.ndarray"), (_plain_dtype, "numpy.dtype")] + [type(np.dtype(k)) for k in kinds]
+
+
+TRIGGER_INFO_KEYS = ("trigger_pattern", "trigger_mask", "trigger_alpha")
+
+
+def load_trigger_info(path: Union[str, os.PathLike]) -> Dict:
+    """The published code's ``trigger_info.th`` (a torch.save of a dict of numpy arrays: ``trigger_pattern``,
+    ``trigger_mask`` (1, H, W, C) uint8, ``trigger_alpha``, ``poison_target``), read with
+    ``torch.load(weights_only=True)`` allowing numpy arrays of plain dtypes and nothing else. Returns the dict
+    with the arrays as tensors; CheckpointError (one line) on anything else."""
+    import numpy as np
+
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise CheckpointError(f"trigger file {path} does not exist" if not os.path.exists(path)
+                              else f"trigger file {path} is not a file")
+    try:
+        with torch.serialization.safe_globals(_numpy_globals()):
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise CheckpointError(str(_refusal(path, exc)).replace("checkpoint ", "trigger file ", 1).replace(
+            "only tensors / state_dicts saved with torch.save, or .safetensors files, are accepted",
+            "only numpy arrays, numbers and strings are accepted in a trigger_info file").replace(
+            "re-export it as model.state_dict() or .safetensors", "re-save it as a dict of plain numpy arrays")) from None
+    except Exception as exc:
+        raise CheckpointError(f"trigger file {path} is not readable ({_first_line(exc)})") from None
+    if not isinstance(obj, Mapping) or any(k not in obj for k in TRIGGER_INFO_KEYS):
+        keys = ", ".join(map(repr, list(obj)[:6])) if isinstance(obj, Mapping) else type(obj).__name__
+        raise CheckpointError(f"trigger file {path} is not a trigger_info dict (needs {', '.join(TRIGGER_INFO_KEYS)}; "
+                              f"found {keys})")
+    out = dict(obj)
+    for key in ("trigger_pattern", "trigger_mask", "poison_target"):
+        if key in out and isinstance(out[key], np.ndarray):
+            out[key] = torch.from_numpy(np.ascontiguousarray(out[key]))
+    pattern, mask = out["trigger_pattern"], out["trigger_mask"]
+    if not (isinstance(pattern, Tensor) and isinstance(mask, Tensor) and pattern.dim() == 4 and mask.dim() == 4
+            and pattern.shape[0] == 1 and mask.shape[:3] == pattern.shape[:3]):
+        raise CheckpointError(f"trigger file {path}: trigger_pattern/trigger_mask must be (1, H, W, C) arrays of "
+                              f"one size (found {tuple(getattr(pattern, 'shape', ()))} and "
+                              f"{tuple(getattr(mask, 'shape', ()))})")
+    alpha = out["trigger_alpha"]
+    if not isinstance(alpha, (int, float)) or not 0 < float(alpha) <= 1:
+        raise CheckpointError(f"trigger file {path}: trigger_alpha {alpha!r} must be a number in (0, 1]")
+    return out

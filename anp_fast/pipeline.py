@@ -232,14 +232,22 @@ def load_model_and_data(arch: str, checkpoint: Optional[str], data: str, arch_ar
 
 
 def make_trigger_spec(spec: Optional[str], image_shape):
-    """A trigger by name (``badnets``, ``patch``, ``blend``, ``sig``, ``wanet``, each with ``:KEY=VALUE,...``
-    options) or a picture file (stamped bottom-right, or blended when it is the images' size)."""
+    """A trigger by name (``badnets``, ``patch``, ``blend``, ``sig``, ``wanet``, ``published-badnets``,
+    ``published-4corner``, each with ``:KEY=VALUE,...`` options), the published code's ``trigger_info.th``
+    (.th/.pt/.pth), or a picture file (stamped bottom-right, or blended when it is the images' size)."""
     if spec is None:
         return None
     from .attacks import TRIGGERS, ImageTrigger, parse_trigger
 
     if spec.partition(":")[0].strip().lower() in TRIGGERS:
         return parse_trigger(spec, image_shape)
+    if os.path.isfile(spec) and spec.lower().endswith((".th", ".pt", ".pth")):  # the published trigger_info.th
+        from .attacks import TriggerInfo
+        from .checkpoint import load_trigger_info
+
+        info = load_trigger_info(spec)
+        return TriggerInfo(pattern=info["trigger_pattern"][0].permute(2, 0, 1), alpha=float(info["trigger_alpha"]),
+                           mask=info["trigger_mask"][0].permute(2, 0, 1), source=spec)
     if os.path.isfile(spec):
         return ImageTrigger.from_file(spec, image_shape)
     raise ConfigError(f"--trigger {spec!r}: neither a trigger name ({', '.join(TRIGGERS)}) nor an existing image "

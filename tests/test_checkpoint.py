@@ -253,3 +253,67 @@ def test_apply_state_dict_tolerates_missing_num_batches_tracked():
     sd["1.running_mean"] += 1
     apply_state_dict(net, sd)
     assert torch.equal(net[1].running_mean, sd["1.running_mean"])
+
+
+def _write_trigger_info(path, **extra):
+    """A trigger_info.th as the published code writes it (torch.save of numpy arrays)."""
+    import numpy as np
+
+    from test_attacks import _published_trigger
+
+    pattern, mask = _published_trigger("checkerboard_1corner")
+    info = {"trigger_pattern": pattern[np.newaxis], "trigger_mask": mask[np.newaxis], "trigger_alpha": 1.0,
+            "poison_target": np.array([0]), "data_index": np.arange(7)}
+    info.update(extra)
+    torch.save(info, path)
+    return pattern, mask
+
+
+def test_published_trigger_info_loads_and_applies_as_published(tmp_path):
+    import numpy as np
+
+    from anp_fast.checkpoint import load_trigger_info
+    from anp_fast.pipeline import make_trigger_spec
+
+    path = tmp_path / "trigger_info.th"
+    pattern, mask = _write_trigger_info(path)
+    info = load_trigger_info(path)
+    assert info["trigger_pattern"].shape == (1, 32, 32, 1) and int(info["poison_target"][0]) == 0
+    trig = make_trigger_spec(str(path), (3, 32, 32))
+    rng = np.random.default_rng(1)
+    data = rng.integers(0, 256, (5, 32, 32, 3), dtype=np.uint8)
+    # add_predefined_trigger_cifar: ((1 - mask) * data + mask * ((1 - alpha) * data + alpha * pattern)).astype(uint8)
+    ref = ((1 - mask) * data + mask * (0.0 * data + 1.0 * pattern)).astype(np.uint8)
+    x = torch.from_numpy(data).permute(0, 3, 1, 2).float() / 255
+    ours = (trig.apply(x) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    assert np.array_equal(ours, ref) and trig.describe()["pixels"] == 9
+    with pytest.raises(ANPError, match=r"its trigger is \(1, 32, 32\)"):
+        trig.apply(torch.zeros(1, 3, 16, 16))
+
+
+@pytest.mark.parametrize("style", ["payload", "object_array", "not_a_dict", "missing_key", "bad_alpha"])
+def test_bad_or_malicious_trigger_info_is_refused(tmp_path, style):
+    import numpy as np
+
+    from anp_fast.checkpoint import load_trigger_info
+
+    marker = tmp_path / "MARKER"
+    path = tmp_path / "trigger_info.th"
+    if style == "payload":
+        _write_trigger_info(path, payload=Payload(marker))
+    elif style == "object_array":
+        _write_trigger_info(path, data_index=np.array([Payload(marker)], dtype=object))
+    elif style == "not_a_dict":
+        torch.save([1, 2], path)
+    elif style == "missing_key":
+        torch.save({"trigger_pattern": np.zeros((1, 4, 4, 1), np.uint8)}, path)
+    else:
+        _write_trigger_info(path, trigger_alpha=2.0)
+    with pytest.raises(CheckpointError) as exc:
+        load_trigger_info(path)
+    text = one_line(exc)
+    assert str(path) in text
+    want = {"payload": "refused", "object_array": "refused", "not_a_dict": "not a trigger_info dict",
+            "missing_key": "needs trigger_pattern", "bad_alpha": "trigger_alpha 2.0"}[style]
+    assert want in text
+    assert not marker.exists()
