@@ -132,7 +132,10 @@ _VGG = {"vgg11": [64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"
 
 
 class VGG(nn.Module):
-    """CIFAR VGG with BatchNorm after every conv and one linear classifier."""
+    """CIFAR VGG with BatchNorm after every conv (convs with a bias) and one linear classifier: the state_dict
+    layout of the published ANP code's ``models/vgg_cifar.py`` (``features.{i}``, ``classifier``), whose
+    checkpoints load as they are. At 32x32 its five max-pools leave 1x1, where the average pool (kept so other
+    sizes run) changes nothing."""
 
     def __init__(self, name: str = "vgg16", num_classes: int = 10, in_channels: int = 3, width: float = 1.0):
         super().__init__()
@@ -142,7 +145,7 @@ class VGG(nn.Module):
                 layers.append(nn.MaxPool2d(2))
             else:
                 out = max(1, int(v * width))
-                layers += [nn.Conv2d(c, out, 3, padding=1, bias=False), nn.BatchNorm2d(out), nn.ReLU(inplace=True)]
+                layers += [nn.Conv2d(c, out, 3, padding=1), nn.BatchNorm2d(out), nn.ReLU(inplace=True)]
                 c = out
         self.features = nn.Sequential(*layers)
         self.classifier = nn.Linear(c, num_classes)
@@ -165,50 +168,63 @@ def _divisible(v: float, divisor: int = 8) -> int:
     return out + divisor if out < 0.9 * v else out
 
 
-class InvertedResidual(nn.Module):
-    """MobileNetV2 block: 1x1 expansion (skipped when ``expand == 1``), 3x3 depthwise with the stride, linear 1x1
-    projection; BN after every conv, ReLU6 after the first two; identity residual when the shape is kept."""
+class MobileNetBlock(nn.Module):
+    """MobileNetV2 block as the published ANP code writes it (``models/mobilenetv2.py``, after kuangliu's
+    pytorch-cifar): 1x1 expansion (also for expansion 1), 3x3 depthwise with the stride, linear 1x1 projection,
+    BN after each, ReLU after the first two; at stride 1 a residual (a 1x1 conv + BN when the width changes)."""
 
-    def __init__(self, in_planes: int, out_planes: int, stride: int, expand: int):
+    def __init__(self, in_planes: int, out_planes: int, expansion: int, stride: int):
         super().__init__()
-        hidden = in_planes * expand
-        self.use_residual = stride == 1 and in_planes == out_planes
-        layers = []
-        if expand != 1:
-            layers += [nn.Conv2d(in_planes, hidden, 1, bias=False), nn.BatchNorm2d(hidden), nn.ReLU6(inplace=True)]
-        layers += [nn.Conv2d(hidden, hidden, 3, stride, 1, groups=hidden, bias=False), nn.BatchNorm2d(hidden),
-                   nn.ReLU6(inplace=True),
-                   nn.Conv2d(hidden, out_planes, 1, bias=False), nn.BatchNorm2d(out_planes)]
-        self.conv = nn.Sequential(*layers)
+        self.stride = stride
+        planes = expansion * in_planes
+        self.conv1 = nn.Conv2d(in_planes, planes, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, stride, 1, groups=planes, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.conv3 = nn.Conv2d(planes, out_planes, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(out_planes)
+        self.shortcut = nn.Sequential()
+        if stride == 1 and in_planes != out_planes:
+            self.shortcut = nn.Sequential(nn.Conv2d(in_planes, out_planes, 1, bias=False), nn.BatchNorm2d(out_planes))
 
     def forward(self, x):
-        out = self.conv(x)
-        return x + out if self.use_residual else out
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = F.relu(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        return out + self.shortcut(x) if self.stride == 1 else out
 
 
-# (expansion t, channels c, blocks n, first stride s); the ImageNet table with the first two stride-2 stages
-# (24 and 32 channels) at stride 1 for 32x32 inputs, as in common CIFAR ports.
-_MOBILENETV2 = [(1, 16, 1, 1), (6, 24, 2, 1), (6, 32, 3, 1), (6, 64, 4, 2), (6, 96, 3, 1), (6, 160, 3, 2),
+# (expansion t, channels c, blocks n, first stride s): the published code's CIFAR table (the 24-channel stage
+# and the stem at stride 1)
+_MOBILENETV2 = [(1, 16, 1, 1), (6, 24, 2, 1), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1), (6, 160, 3, 2),
                 (6, 320, 1, 1)]
 
 
 class MobileNetV2(nn.Module):
-    """CIFAR MobileNetV2 (stride-1 3x3 stem, see ``_MOBILENETV2``); ``width`` multiplies every channel count
-    (rounded to multiples of 8) except the last conv's 1280, which only grows with ``width > 1``."""
+    """CIFAR MobileNetV2 in the published ANP code's state_dict layout (``conv1``/``bn1``, ``layers.{i}``,
+    ``conv2``/``bn2``, ``linear``), so its checkpoints load as they are; ``width`` multiplies every channel
+    count (rounded to multiples of 8) except the last conv's 1280, which only grows with ``width > 1``."""
 
     def __init__(self, num_classes: int = 10, in_channels: int = 3, width: float = 1.0):
         super().__init__()
         c = _divisible(32 * width)
-        layers = [nn.Conv2d(in_channels, c, 3, 1, 1, bias=False), nn.BatchNorm2d(c), nn.ReLU6(inplace=True)]
+        self.conv1 = nn.Conv2d(in_channels, c, 3, 1, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(c)
+        blocks = []
         for t, channels, n, s in _MOBILENETV2:
             out = _divisible(channels * width)
             for i in range(n):
-                layers.append(InvertedResidual(c, out, s if i == 0 else 1, t))
+                blocks.append(MobileNetBlock(c, out, t, s if i == 0 else 1))
                 c = out
+        self.layers = nn.Sequential(*blocks)
         last = _divisible(1280 * max(1.0, width))
-        layers += [nn.Conv2d(c, last, 1, bias=False), nn.BatchNorm2d(last), nn.ReLU6(inplace=True)]
-        self.features = nn.Sequential(*layers)
+        self.conv2 = nn.Conv2d(c, last, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(last)
         self.linear = nn.Linear(last, num_classes)
+
+    def features(self, x):
+        out = F.relu(self.bn1(self.conv1(x)))
+        return F.relu(self.bn2(self.conv2(self.layers(out))))
 
     def forward(self, x):
         return self.linear(F.adaptive_avg_pool2d(self.features(x), 1).flatten(1))

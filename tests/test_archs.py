@@ -64,10 +64,10 @@ def test_cifar_shapes_of_new_models():
     assert [len(r34.layer1), len(r34.layer2), len(r34.layer3), len(r34.layer4)] == [3, 4, 6, 3]
     wrn = models.wrn16(widen=2)
     assert [len(wrn.block1), len(wrn.block2), len(wrn.block3)] == [2, 2, 2] and wrn.linear.in_features == 128
-    # CIFAR strides: 32x32 in, 8x8 out of the feature extractor (stem and the 24/32-channel stages at stride 1)
+    # the published CIFAR strides: 32x32 in, 4x4 out of the feature extractor (its avg_pool2d(out, 4))
     mnv2 = models.mobilenetv2(width=0.25).eval()
     with torch.no_grad():
-        assert mnv2.features(torch.randn(1, 3, 32, 32)).shape[-2:] == (8, 8)
+        assert mnv2.features(torch.randn(1, 3, 32, 32)).shape[-2:] == (4, 4)
 
 
 def test_cifar_bottleneck_is_fused_and_bit_identical_on_the_eager_path():
