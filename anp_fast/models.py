@@ -87,7 +87,6 @@ class ResNet(nn.Module):
         self.layer2 = self._make_layer(block, width * 2, num_blocks[1], 2)
         self.layer3 = self._make_layer(block, width * 4, num_blocks[2], 2)
         self.layer4 = self._make_layer(block, width * 8, num_blocks[3], 2)
-        self.bn_final = nn.BatchNorm2d(width * 8) if self.preact else None
         self.linear = nn.Linear(width * 8 * block.expansion, num_classes)
 
     def _make_layer(self, block, planes, n, stride):
@@ -102,8 +101,6 @@ class ResNet(nn.Module):
         if not self.preact:
             out = F.relu(self.bn1(out))
         out = self.layer4(self.layer3(self.layer2(self.layer1(out))))
-        if self.preact:
-            out = F.relu(self.bn_final(out))
         out = F.adaptive_avg_pool2d(out, 1).flatten(1)
         return self.linear(out)
 
@@ -122,6 +119,9 @@ def resnet50(num_classes: int = 10, in_channels: int = 3, width: int = 64) -> Re
 
 
 def preact_resnet18(num_classes: int = 10, in_channels: int = 3, width: int = 64) -> ResNet:
+    """Pre-activation ResNet-18 in BackdoorBench's layout (``models/preact_resnet.py``, after WaNet's): no BN
+    after the stem and none after the last stage (the last block's output goes to the average pool as it is),
+    1x1-conv shortcuts without BN; its checkpoints load as they are."""
     return ResNet(PreActBlock, [2, 2, 2, 2], num_classes, in_channels, width)
 
 

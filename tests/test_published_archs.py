@@ -163,3 +163,67 @@ def test_published_checkpoint_loads_and_gives_the_same_outputs(arch):
         want, got = ref(x), ours(x)
     assert want.abs().max() > 1e-3  # not a trivially small output
     torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+
+
+class RefPreActBlock(nn.Module):  # BackdoorBench models/preact_resnet.py
+    expansion = 1
+
+    def __init__(self, i, p, s):
+        super().__init__()
+        self.bn1, self.conv1 = nn.BatchNorm2d(i), nn.Conv2d(i, p, 3, s, 1, bias=False)
+        self.bn2, self.conv2 = nn.BatchNorm2d(p), nn.Conv2d(p, p, 3, 1, 1, bias=False)
+        if s != 1 or i != p:
+            self.shortcut = nn.Sequential(nn.Conv2d(i, p, 1, s, bias=False))
+
+    def forward(self, x):
+        out = F.relu(self.bn1(x))
+        short = self.shortcut(out) if hasattr(self, "shortcut") else x
+        out = self.conv2(F.relu(self.bn2(self.conv1(out))))
+        return out + short
+
+
+class RefPreActResNet18(nn.Module):
+    def __init__(self, nc=10):
+        super().__init__()
+        self.in_planes = 64
+        self.conv1 = nn.Conv2d(3, 64, 3, 1, 1, bias=False)
+        layers = []
+        for p, s in ((64, 1), (128, 2), (256, 2), (512, 2)):
+            blocks = []
+            for st in (s, 1):
+                blocks.append(RefPreActBlock(self.in_planes, p, st))
+                self.in_planes = p
+            layers.append(nn.Sequential(*blocks))
+        self.layer1, self.layer2, self.layer3, self.layer4 = layers
+        self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
+        self.linear = nn.Linear(512, nc)
+
+    def forward(self, x):
+        out = self.layer4(self.layer3(self.layer2(self.layer1(self.conv1(x)))))
+        return self.linear(self.avgpool(out).view(len(x), -1))
+
+
+def test_backdoorbench_preact_resnet18_checkpoint_loads_and_gives_the_same_outputs():
+    ref = RefPreActResNet18().double().eval()
+    _randomise(ref)
+    ours = build_arch("preact_resnet18", num_classes=10).double().eval()
+    assert list(ours.state_dict()) == list(ref.state_dict())
+    ours.load_state_dict(ref.state_dict(), strict=True)
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), ref(x), rtol=1e-6, atol=1e-6)
+
+
+def test_backdoorbench_vgg19_bn_is_torchvisions():
+    """BackdoorBench builds vgg19_bn as torchvision.models.vgg19_bn(num_classes=...)
+    (utils/aggregate_block/model_trainer_generate.py): `--arch tv:vgg19_bn` is that model."""
+    import torchvision
+
+    torch.manual_seed(0)
+    ref = torchvision.models.vgg19_bn(num_classes=10).eval()
+    ours = build_arch("tv:vgg19_bn", num_classes=10).eval()
+    assert list(ours.state_dict()) == list(ref.state_dict())
+    ours.load_state_dict(ref.state_dict(), strict=True)
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), ref(x), rtol=1e-6, atol=1e-6)
