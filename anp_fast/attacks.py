@@ -331,8 +331,69 @@ class PublishedFourCorner(PublishedCheckerboard):
     name: str = "published-4corner"
 
 
+@dataclass
+class BackdoorBenchBadNets(Trigger):
+    """BackdoorBench's BadNets (``resource/badnet/trigger_image.png`` from ``generate_white_square.py``: a
+    ``size`` x ``size`` white square ``distance`` pixels from the bottom-right corner, 3 and 0 by default, i.e.
+    rows/columns 29-31 of a 32x32 image, every channel 255), applied as its ``AddMaskPatchTrigger``: pixels under
+    the square set to 255. (For other image sizes BackdoorBench resizes its 32x32 picture; here the square keeps
+    its size.)"""
+
+    size: int = 3
+    distance: int = 0
+    name: str = "backdoorbench-badnets"
+
+    def apply(self, x: Tensor) -> Tensor:
+        h, w = x.shape[-2:]
+        if self.size + self.distance > min(h, w):
+            raise ConfigError(f"trigger {self.name}: a {self.size}-pixel square {self.distance} px in does not fit "
+                              f"{w}x{h} images")
+        out = x.clone()
+        r1, c1 = h - self.distance, w - self.distance
+        out[..., r1 - self.size:r1, c1 - self.size:c1] = 1.0
+        return out
+
+
+@dataclass
+class BackdoorBenchBlended(Trigger):
+    """BackdoorBench's Blended (``config/attack/blended/default.yaml``: ``hello_kitty.jpeg`` at alpha 0.2 for
+    training and test): the picture ``image`` (give the file: it is not shipped) resized to the images' size
+    (bilinear, as torchvision's Resize on a PIL image) and blended on uint8 pixels as its
+    ``blendedImageAttack``: ``(1 - alpha) x + alpha p``, clipped and truncated to uint8."""
+
+    image: str = ""
+    alpha: float = 0.2
+    name: str = "backdoorbench-blended"
+
+    def _pattern(self, c: int, h: int, w: int) -> Tensor:
+        from PIL import Image, UnidentifiedImageError
+
+        if not self.image:
+            raise ConfigError(f"trigger {self.name} needs image=PATH (BackdoorBench's resource/blended/"
+                              "hello_kitty.jpeg, or another picture)")
+        try:
+            with Image.open(self.image) as img:
+                img = img.convert("RGB").resize((w, h), Image.BILINEAR)
+                data = torch.from_numpy(__import__("numpy").array(img, dtype="uint8")).permute(2, 0, 1)
+        except (OSError, UnidentifiedImageError) as exc:
+            raise ConfigError(f"cannot read the trigger image {self.image}: {exc}") from None
+        # ToTensor() then * 255, in float32, as BackdoorBench computes it
+        pattern = (data.float() / 255) * 255
+        return pattern[:1] if c == 1 else pattern
+
+    def apply(self, x: Tensor) -> Tensor:
+        c, h, w = x.shape[-3:]
+        # its numpy arithmetic: alpha * pattern in float32 (a Python float times a float32 array), the image
+        # term in float64, the sum in float64
+        blended = (self._pattern(c, h, w) * torch.tensor(self.alpha, dtype=torch.float32)).double()
+        orig = (x.double() * 255).round()
+        out = (1 - self.alpha) * orig + blended
+        return (out.clamp(0, 255).floor() / 255).to(x.dtype)
+
+
 TRIGGERS = {"badnets": BadNets, "patch": RandomPatch, "blend": Blend, "sig": SIG, "wanet": WaNet,
-            "published-badnets": PublishedCheckerboard, "published-4corner": PublishedFourCorner}
+            "published-badnets": PublishedCheckerboard, "published-4corner": PublishedFourCorner,
+            "backdoorbench-badnets": BackdoorBenchBadNets, "backdoorbench-blended": BackdoorBenchBlended}
 
 
 def make_trigger(name: str, **kwargs) -> Trigger:
@@ -375,6 +436,9 @@ def parse_trigger(spec: str, image_shape: Optional[Tuple[int, int, int]] = None)
         if not eq or key not in types:
             raise ConfigError(f"trigger {name}: {item!r} is not KEY=VALUE with a key among "
                               f"{', '.join(sorted(types))}")
+        if types[key] in (str, "str"):
+            kwargs[key] = value.strip()
+            continue
         kind = int if types[key] in (int, "int") else float  # Optional[float] options take a float too
         kwargs[key] = _option(name, key, value.strip(), kind)
     if name in ("badnets", "patch") and "size" not in kwargs and image_shape is not None:
@@ -392,6 +456,10 @@ def _check_values(t: Trigger) -> None:
         bad = "alpha must be in (0, 1]"
     elif isinstance(t, SIG) and not (t.delta > 0 and t.f > 0 and (t.test_delta is None or t.test_delta > 0)):
         bad = "delta, test_delta and f must be > 0"
+    elif isinstance(t, BackdoorBenchBadNets) and (t.size < 1 or t.distance < 0):
+        bad = "size must be >= 1 and distance >= 0"
+    elif isinstance(t, BackdoorBenchBlended) and not 0 < t.alpha <= 1:
+        bad = "alpha must be in (0, 1]"
     elif isinstance(t, PublishedCheckerboard) and not (0 < t.alpha <= 1 and t.corners in (1, 4)):
         bad = "alpha must be in (0, 1] and corners 1 or 4"
     elif isinstance(t, WaNet) and (t.k < 2 or t.s <= 0 or t.grid_rescale <= 0 or t.cross_ratio < 0):

@@ -100,8 +100,9 @@ def build_parser() -> argparse.ArgumentParser:
     purify.add_argument("--budget", type=float, default=2.0,
                         help="auto pruning: largest drop of clean accuracy, in points (default: 2)")
     purify.add_argument("--trigger", default=None,
-                        help="badnets | patch | blend | sig | wanet | published-badnets | published-4corner "
-                             "(NAME:KEY=VALUE,... as in attack) | an image "
+                        help="badnets | patch | blend | sig | wanet | published-badnets | published-4corner | "
+                             "backdoorbench-badnets | backdoorbench-blended (NAME:KEY=VALUE,... as in attack) | "
+                             "trigger_info.th | an image "
                              "file: also report the attack success rate (never used to choose)")
     purify.add_argument("--target", type=int, default=None, help="the backdoor's target class (with --trigger)")
     purify.add_argument("--save-every", type=int, default=0, help="save the run state every N iterations")
@@ -132,8 +133,9 @@ def build_parser() -> argparse.ArgumentParser:
     prune_p.add_argument("--prune", default="threshold:0.2", help="threshold:T | number:K | fraction:F | auto[:walk|most|first]")
     prune_p.add_argument("--budget", type=float, default=2.0, help="auto: clean accuracy drop allowed (points)")
     prune_p.add_argument("--trigger", default=None,
-                         help="badnets | patch | blend | sig | wanet | published-badnets | published-4corner (with "
-                              "options) | an image file (report ASR)")
+                         help="badnets | patch | blend | sig | wanet | published-badnets | published-4corner | "
+                              "backdoorbench-badnets | backdoorbench-blended (with options) | trigger_info.th | "
+                              "an image file (report ASR)")
     prune_p.add_argument("--target", type=int, default=None)
     prune_p.add_argument("--seed", type=int, default=0, help="seed of the held-out clean split (as in purify)")
     prune_p.add_argument("--clean-fraction", type=float, default=None, help="as given to purify (default 0.01)")
@@ -145,8 +147,10 @@ def build_parser() -> argparse.ArgumentParser:
                                         "by a trigger; write the checkpoint (.safetensors, .pt) and attack.json.")
     _add_model_data_flags(attack, checkpoint=False)
     attack.add_argument("--trigger", default="badnets",
-                        help="badnets | patch | blend | sig (clean label) | wanet (with its noise mode) | an image "
-                             "file; options as NAME:KEY=VALUE,... e.g. blend:alpha=0.1 (default: %(default)s)")
+                        help="badnets | patch | blend | sig (clean label) | wanet (with its noise mode) | "
+                             "published-badnets | published-4corner | backdoorbench-badnets | backdoorbench-blended | "
+                             "an image file; options as NAME:KEY=VALUE,... e.g. blend:alpha=0.1 (default: "
+                             "%(default)s)")
     attack.add_argument("--target", type=int, default=0, help="the class triggered images go to (default: 0)")
     attack.add_argument("--poison-rate", type=float, default=0.1,
                         help="poisoned images / all training images (0: a benign model; default: %(default)s)")

@@ -194,3 +194,40 @@ def test_published_trigger_options_are_checked():
             parse_trigger(bad, (3, 32, 32))
     with pytest.raises(ConfigError, match="too small"):
         parse_trigger("published-badnets", (1, 4, 4)).apply(torch.zeros(1, 1, 4, 4))
+
+
+def test_backdoorbench_badnets_matches_its_rule():
+    """generate_white_square.py (32, 3, 0, 0) + AddMaskPatchTrigger + clip/uint8, re-implemented from source."""
+    rng = np.random.default_rng(2)
+    data = rng.integers(0, 256, (4, 32, 32, 3), dtype=np.uint8)
+    trigger = np.zeros((32, 32, 3), dtype=np.uint8)
+    trigger[32 - 0 - 3:32 - 0, 32 - 0 - 3:32 - 0, :] = 255
+    ref = np.clip(data * (trigger == 0) + trigger * (trigger > 0), 0, 255).astype(np.uint8)
+    x = torch.from_numpy(data).permute(0, 3, 1, 2).float() / 255
+    ours = (parse_trigger("backdoorbench-badnets", (3, 32, 32)).apply(x) * 255).round().to(torch.uint8)
+    assert np.array_equal(ours.permute(0, 2, 3, 1).numpy(), ref)
+    with pytest.raises(ConfigError, match="does not fit"):
+        parse_trigger("backdoorbench-badnets:size=9,distance=0", (1, 8, 8)).apply(torch.zeros(1, 1, 8, 8))
+
+
+def test_backdoorbench_blended_matches_its_rule(tmp_path):
+    """bd_attack_img_trans_generate's blended chain: ToPILImage -> Resize -> ToTensor * 255 for the picture,
+    (1 - a) img + a pattern on the uint8 image, clip and astype uint8."""
+    from PIL import Image
+    from torchvision import transforms
+
+    rng = np.random.default_rng(3)
+    picture = rng.integers(0, 256, (45, 50, 3), dtype=np.uint8)
+    path = tmp_path / "kitty.png"
+    Image.fromarray(picture).save(path)
+    trans = transforms.Compose([transforms.ToPILImage(), transforms.Resize((32, 32)), transforms.ToTensor()])
+    pattern = trans(np.array(Image.open(path))).cpu().numpy().transpose(1, 2, 0) * 255
+    data = rng.integers(0, 256, (4, 32, 32, 3), dtype=np.uint8)
+    for alpha in (0.2, 0.1):
+        ref = np.clip((1 - alpha) * data + alpha * pattern, 0, 255).astype(np.uint8)
+        trig = parse_trigger(f"backdoorbench-blended:image={path},alpha={alpha}", (3, 32, 32))
+        x = torch.from_numpy(data).permute(0, 3, 1, 2).float() / 255
+        ours = (trig.apply(x) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+        assert np.array_equal(ours, ref), (alpha, np.abs(ours.astype(int) - ref).max())
+    with pytest.raises(ConfigError, match="needs image=PATH"):
+        parse_trigger("backdoorbench-blended", (3, 32, 32)).apply(torch.zeros(1, 3, 32, 32))
