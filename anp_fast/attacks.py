@@ -221,18 +221,25 @@ class WaNet(Trigger):
 
 @dataclass
 class ImageTrigger(Trigger):
-    """A user's trigger picture: stamped in the bottom-right corner (``margin`` pixels in) when smaller than the
-    images, blended with weight ``alpha`` when it has their size. ``pattern``: (C, h, w) in [0, 1]."""
+    """A user's trigger picture (``image:path=FILE,alpha=A,row=R,col=C``, or just the file's name): blended with
+    weight ``alpha`` (default 0.2) when it has the images' size; otherwise stamped with its top-left corner at
+    (``row``, ``col``) (default: the bottom-right corner, ``margin`` pixels in) with weight ``alpha`` (default 1:
+    pasted). ``pattern``: (C, h, w) in [0, 1]."""
 
     pattern: Tensor = None
-    alpha: float = 0.2
+    alpha: Optional[float] = None
     margin: int = 1
+    row: int = -1
+    col: int = -1
+    path: str = ""
     name: str = "image"
 
     @classmethod
-    def from_file(cls, path: str, image_shape) -> "ImageTrigger":
+    def from_file(cls, path: str, image_shape, **options) -> "ImageTrigger":
         from PIL import Image, UnidentifiedImageError
 
+        if image_shape is None:
+            raise ConfigError("an image trigger needs the images' shape")
         channels, h, w = image_shape
         try:
             with Image.open(path) as img:
@@ -240,17 +247,61 @@ class ImageTrigger(Trigger):
                 if img.width > w or img.height > h:
                     raise ConfigError(f"trigger image {path} is {img.width}x{img.height}, larger than the "
                                       f"{w}x{h} images")
-                data = torch.tensor(list(img.getdata()), dtype=torch.float32) / 255
+                data = torch.from_numpy(__import__("numpy").array(img, dtype="uint8")).float() / 255
         except (OSError, UnidentifiedImageError) as exc:
             raise ConfigError(f"cannot read the trigger image {path}: {exc}") from exc
         pattern = data.view(img.height, img.width, -1).permute(2, 0, 1).contiguous()
-        return cls(pattern=pattern)
+        return cls(pattern=pattern, path=path, **options)
 
     def apply(self, x: Tensor) -> Tensor:
         p = self.pattern.to(x)
-        if tuple(p.shape[-2:]) == tuple(x.shape[-2:]):
-            return (1 - self.alpha) * x + self.alpha * p
-        return _corner(x, p, self.margin, "trigger")
+        h, w = x.shape[-2:]
+        ph, pw = p.shape[-2:]
+        if (ph, pw) == (h, w) and self.row < 0 and self.col < 0:
+            a = 0.2 if self.alpha is None else self.alpha
+            return (1 - a) * x + a * p
+        a = 1.0 if self.alpha is None else self.alpha
+        r = h - self.margin - ph if self.row < 0 else self.row
+        c = w - self.margin - pw if self.col < 0 else self.col
+        if r < 0 or c < 0 or r + ph > h or c + pw > w:
+            raise ConfigError(f"a {pw}x{ph} trigger at row {r}, column {c} does not fit {w}x{h} images")
+        out = x.clone()
+        out[..., r:r + ph, c:c + pw] = (1 - a) * x[..., r:r + ph, c:c + pw] + a * p
+        return out
+
+    def describe(self) -> Dict:
+        return {"name": self.name, "path": self.path, "alpha": self.alpha, "row": self.row, "col": self.col,
+                "margin": self.margin, "size": list(self.pattern.shape)}
+
+
+@dataclass
+class PublishedBlend(Trigger):
+    """The published code's Blend (``gaussian_noise``: its ``data/cifar_gaussian_noise.png`` over the whole
+    image, mask 1; give the file as ``image=PATH``) with its ``--trigger-alpha`` (``alpha``), computed by its
+    uint8 rule (:func:`_uint8_blend`)."""
+
+    image: str = ""
+    alpha: float = 0.2
+    name: str = "published-blend"
+
+    def apply(self, x: Tensor) -> Tensor:
+        from PIL import Image, UnidentifiedImageError
+        import numpy as np
+
+        c, h, w = x.shape[-3:]
+        if not self.image:
+            raise ConfigError(f"trigger {self.name} needs image=PATH (the published data/cifar_gaussian_noise.png)")
+        try:
+            with Image.open(self.image) as img:
+                arr = np.array(img, dtype=np.uint8)
+        except (OSError, UnidentifiedImageError) as exc:
+            raise ConfigError(f"cannot read the trigger image {self.image}: {exc}") from None
+        arr = arr[..., None] if arr.ndim == 2 else arr[..., :3]
+        if arr.shape[:2] != (h, w) or arr.shape[2] not in (1, c):
+            raise ConfigError(f"trigger image {self.image} is {arr.shape[1]}x{arr.shape[0]}x{arr.shape[2]}, the "
+                              f"images {w}x{h}x{c}: the published blend needs the images' size")
+        pattern = torch.from_numpy(arr).permute(2, 0, 1).double()
+        return _uint8_blend(x, pattern, torch.ones(1, h, w, dtype=torch.float64), self.alpha)
 
 
 _CHECKER_VALUES = ((0, 0, 255), (0, 255, 0), (255, 0, 255))  # the published 3x3 trigger, uint8
@@ -393,7 +444,9 @@ class BackdoorBenchBlended(Trigger):
 
 TRIGGERS = {"badnets": BadNets, "patch": RandomPatch, "blend": Blend, "sig": SIG, "wanet": WaNet,
             "published-badnets": PublishedCheckerboard, "published-4corner": PublishedFourCorner,
-            "backdoorbench-badnets": BackdoorBenchBadNets, "backdoorbench-blended": BackdoorBenchBlended}
+            "published-blend": PublishedBlend,
+            "backdoorbench-badnets": BackdoorBenchBadNets, "backdoorbench-blended": BackdoorBenchBlended,
+            "image": ImageTrigger}
 
 
 def make_trigger(name: str, **kwargs) -> Trigger:
@@ -443,6 +496,12 @@ def parse_trigger(spec: str, image_shape: Optional[Tuple[int, int, int]] = None)
         kwargs[key] = _option(name, key, value.strip(), kind)
     if name in ("badnets", "patch") and "size" not in kwargs and image_shape is not None:
         kwargs["size"] = max(3, min(image_shape[-2:]) // 6)
+    if name == "image":
+        if "pattern" in kwargs or not kwargs.get("path"):
+            raise ConfigError("trigger image: give image:path=FILE[,alpha=A,row=R,col=C,margin=M]")
+        trigger = ImageTrigger.from_file(kwargs.pop("path"), image_shape, **kwargs)
+        _check_values(trigger)
+        return trigger
     trigger = make_trigger(name, **kwargs)
     _check_values(trigger)
     return trigger
@@ -458,7 +517,9 @@ def _check_values(t: Trigger) -> None:
         bad = "delta, test_delta and f must be > 0"
     elif isinstance(t, BackdoorBenchBadNets) and (t.size < 1 or t.distance < 0):
         bad = "size must be >= 1 and distance >= 0"
-    elif isinstance(t, BackdoorBenchBlended) and not 0 < t.alpha <= 1:
+    elif isinstance(t, ImageTrigger) and t.alpha is not None and not 0 < t.alpha <= 1:
+        bad = "alpha must be in (0, 1]"
+    elif isinstance(t, (BackdoorBenchBlended, PublishedBlend)) and not 0 < t.alpha <= 1:
         bad = "alpha must be in (0, 1]"
     elif isinstance(t, PublishedCheckerboard) and not (0 < t.alpha <= 1 and t.corners in (1, 4)):
         bad = "alpha must be in (0, 1] and corners 1 or 4"

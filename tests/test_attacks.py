@@ -231,3 +231,46 @@ def test_backdoorbench_blended_matches_its_rule(tmp_path):
         assert np.array_equal(ours, ref), (alpha, np.abs(ours.astype(int) - ref).max())
     with pytest.raises(ConfigError, match="needs image=PATH"):
         parse_trigger("backdoorbench-blended", (3, 32, 32)).apply(torch.zeros(1, 3, 32, 32))
+
+
+def test_image_trigger_placement_and_alpha(tmp_path):
+    from PIL import Image
+
+    patch = np.array([[[255, 0, 0], [0, 255, 0], [0, 0, 255]]] * 3, dtype=np.uint8)  # 3x3 RGB
+    path = tmp_path / "t.png"
+    Image.fromarray(patch).save(path)
+    x = torch.rand(2, 3, 12, 12)
+    trig = parse_trigger(f"image:path={path},row=2,col=5,alpha=0.5", (3, 12, 12))
+    out = trig.apply(x)
+    p = torch.from_numpy(patch).permute(2, 0, 1).float() / 255
+    torch.testing.assert_close(out[..., 2:5, 5:8], 0.5 * x[..., 2:5, 5:8] + 0.5 * p)
+    keep = torch.ones(12, 12, dtype=torch.bool)
+    keep[2:5, 5:8] = False
+    assert torch.equal(out[..., keep], x[..., keep])
+    # defaults: pasted (alpha 1) 1 px from the bottom-right corner, as a bare file name gives
+    from anp_fast.pipeline import make_trigger_spec
+
+    bare = make_trigger_spec(str(path), (3, 12, 12)).apply(x)
+    assert torch.equal(bare, parse_trigger(f"image:path={path}", (3, 12, 12)).apply(x))
+    torch.testing.assert_close(bare[..., 8:11, 8:11], p.expand(2, 3, 3, 3))
+    for bad, msg in ((f"image:path={path},row=11", "does not fit"), ("image:alpha=0.5", "path=FILE"),
+                     (f"image:path={path},alpha=2", "alpha must be")):
+        with pytest.raises(ConfigError, match=msg):
+            parse_trigger(bad, (3, 12, 12)).apply(x)
+
+
+def test_published_blend_matches_its_rule(tmp_path):
+    from PIL import Image
+
+    rng = np.random.default_rng(4)
+    noise = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    path = tmp_path / "cifar_gaussian_noise.png"
+    Image.fromarray(noise).save(path)
+    pattern = np.array(Image.open(path))  # generate_trigger('gaussian_noise')
+    mask = np.ones((32, 32, 1), dtype=np.uint8)
+    data = rng.integers(0, 256, (3, 32, 32, 3), dtype=np.uint8)
+    alpha = 0.2
+    ref = np.clip((1 - mask) * data + mask * ((1 - alpha) * data + alpha * pattern), 0, 255).astype(np.uint8)
+    x = torch.from_numpy(data).permute(0, 3, 1, 2).float() / 255
+    ours = parse_trigger(f"published-blend:image={path},alpha={alpha}", (3, 32, 32)).apply(x)
+    assert np.array_equal((ours * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy(), ref)
