@@ -113,6 +113,7 @@ def run_demo(out: str = "anp_demo_out", iters: int = 2000, prune_rule: str = "au
                                f"({_rule_text(chosen)})")
     summary = {
         "kind": "anp-fast demo", "plausibility": plausible,
+        "normalization": {"name": "none", "mean": [0.0], "std": [1.0]},  # the demo's model sees pixels in [0, 1]
         "before": before, "after": after, "prune": prune_rule, "chosen": chosen, "budget_points": budget,
         "pruned_neurons": n_pruned, "neurons": result.num_neurons,
         "trigger": trigger, "target": target, "poison_rate": poison_rate, "poisoned": len(poisoned),
