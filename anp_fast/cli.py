@@ -8,7 +8,7 @@ from typing import List, Optional
 
 from . import __version__
 from .config import LAYER_POLICIES, PRECISIONS, TRAIN_MODES, ANPConfig
-from .engine import Interrupted
+from .errors import Interrupted
 from .errors import ANPError
 
 
@@ -167,21 +167,35 @@ def build_parser() -> argparse.ArgumentParser:
                                         "format under DIR, to try the CIFAR pipeline without a download.")
     export.add_argument("dir")
     export.add_argument("--seed", type=int, default=0)
-    bench = sub.add_parser("bench", help="time ANP iterations: the eager published loop against the engine",
-                           description="Time one ANP iteration of the eager published loop and of engine modes, "
-                                       "interleaved in one process; report medians, ratios, step / 6F and peak "
-                                       "memory; write JSON/CSV/markdown results.")
-    from anp_fast_bench.bench import add_arguments
-
-    add_arguments(bench)
+    # its flags live with the benchmark package (which imports torch): `anp-fast bench ...` is handed to it
+    sub.add_parser("bench", help="time ANP iterations: the eager published loop against the engine "
+                                 "(anp-fast bench --help: its options)", add_help=False)
     return parser
+
+
+BENCH_DESCRIPTION = ("Time one ANP iteration of the eager published loop and of engine modes, interleaved in one "
+                     "process; report medians, ratios, step / 6F and peak memory; write JSON/CSV/markdown results.")
+
+
+def _bench_main(argv: List[str]) -> int:
+    from anp_fast_bench.bench import add_arguments, run_cli
+
+    p = argparse.ArgumentParser(prog="anp-fast bench", description=BENCH_DESCRIPTION)
+    add_arguments(p)
+    args = p.parse_args(argv)
+    args.command = "bench"
+    try:
+        return run_cli(args)
+    except ANPError as exc:
+        print(f"anp-fast: error: {exc}", file=sys.stderr)
+        return 2
 
 
 def _add_rnp_flags(p: argparse.ArgumentParser) -> None:
     """``--rnp-FIELD`` for every RNPConfig field (used with --method rnp), defaults the published ones."""
     import dataclasses
 
-    from .methods import RNPConfig
+    from .config import RNPConfig
 
     g = p.add_argument_group("RNP options (--method rnp; defaults are the published code's)")
     for f in dataclasses.fields(RNPConfig):
@@ -199,7 +213,7 @@ def _add_rnp_flags(p: argparse.ArgumentParser) -> None:
 def _rnp_options(args):
     import dataclasses
 
-    from .methods import RNPConfig
+    from .config import RNPConfig
 
     values = {f.name: getattr(args, "rnp_" + f.name) for f in dataclasses.fields(RNPConfig)}
     values["unlearn_schedule"] = tuple(values["unlearn_schedule"])
@@ -348,12 +362,6 @@ def _demo(args) -> int:
     return 0
 
 
-def _bench(args) -> int:
-    from anp_fast_bench.bench import run_cli
-
-    return run_cli(args)
-
-
 _CURRENT_ARGV: Optional[List[str]] = None
 
 
@@ -380,11 +388,14 @@ def parse(argv: Optional[List[str]]):
 def main(argv: Optional[List[str]] = None) -> int:
     global _CURRENT_ARGV
     _CURRENT_ARGV = list(argv) if argv is not None else None
+    given = sys.argv[1:] if argv is None else list(argv)
+    if given[:1] == ["bench"]:
+        return _bench_main(given[1:])
     parser, args = parse(argv)
     if args.command is None:
         parser.print_help()
         return 2
-    commands = {"demo": _demo, "bench": _bench, "purify": _purify, "prune": _prune, "attack": _attack,
+    commands = {"demo": _demo, "purify": _purify, "prune": _prune, "attack": _attack,
                 "export-digits": _export_digits}
     if getattr(args, "keep_freed_memory", False):
         from .cpu_memory import keep_freed_memory

@@ -4,7 +4,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Optional
+from typing import Dict, Optional, Tuple
 
 from .errors import ConfigError
 
@@ -141,3 +141,55 @@ def _checked_init(self, *args, **kwargs):
 
 _checked_init.__doc__ = _dataclass_init.__doc__
 ANPConfig.__init__ = _checked_init
+
+
+@dataclass
+class RNPConfig:
+    """RNP's settings; the defaults are the published code's (bboylyg/RNP main.py argparse).
+
+    unlearn_lr, unlearn_momentum, unlearn_weight_decay, unlearn_schedule: SGD on every weight of the copy, the lr
+        times 0.1 at each epoch of the schedule (published: 0.01, 0.9, 5e-4, [10, 20]).
+    unlearn_epochs: the unlearning loop runs epochs 0 .. unlearn_epochs (published: 20, so at most 21 epochs).
+    clean_threshold: unlearning stops after the first epoch whose running clean accuracy is <= this (0.2).
+    unlearn_clip: the published code calls clip_grad_norm_(max_norm=20) BEFORE backward, on gradients just
+        zeroed, so it clips nothing; None reproduces that, a number clips the gradient norm after backward.
+    unlearn_stop: "epoch" (published: the threshold is checked on the running accuracy at the end of each
+        epoch) or "batch" (checked after every batch, on that batch's accuracy: on a clean set of a few batches
+        one epoch can take the accuracy from 80% to 2%, far past the threshold).
+    recover_lr, recover_momentum, recover_epochs, alpha: the mask step on the unlearned copy: SGD on the masks
+        of alpha x CE (published: 0.2, 0.9, 20, 0.2), clamped to [0, 1] after each step.
+    batch_size: clean batches of both phases (published 128), epochs of shuffled batches, the last partial.
+    """
+
+    unlearn_lr: float = 0.01
+    unlearn_momentum: float = 0.9
+    unlearn_weight_decay: float = 5e-4
+    unlearn_schedule: Tuple[int, ...] = (10, 20)
+    unlearn_epochs: int = 20
+    clean_threshold: float = 0.2
+    unlearn_clip: Optional[float] = None
+    unlearn_stop: str = "epoch"
+    recover_lr: float = 0.2
+    recover_momentum: float = 0.9
+    recover_epochs: int = 20
+    alpha: float = 0.2
+    batch_size: int = 128
+
+    def __post_init__(self):
+        for name in ("unlearn_lr", "recover_lr"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"RNPConfig.{name}={getattr(self, name)!r}: must be > 0")
+        for name in ("unlearn_epochs", "recover_epochs", "batch_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < (0 if name == "unlearn_epochs"
+                                                                                 else 1):
+                raise ConfigError(f"RNPConfig.{name}={value!r}: must be a positive integer")
+        if not 0 <= self.clean_threshold <= 1:
+            raise ConfigError(f"RNPConfig.clean_threshold={self.clean_threshold!r}: must be in [0, 1]")
+        if self.unlearn_clip is not None and not self.unlearn_clip > 0:
+            raise ConfigError(f"RNPConfig.unlearn_clip={self.unlearn_clip!r}: must be > 0 or None")
+        if self.unlearn_stop not in ("epoch", "batch"):
+            raise ConfigError(f"RNPConfig.unlearn_stop={self.unlearn_stop!r}: must be 'epoch' or 'batch'")
+
+    def to_dict(self) -> Dict:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}

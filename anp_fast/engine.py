@@ -13,7 +13,7 @@ from torch import Tensor
 
 from .config import ANPConfig
 from .data import BatchSource, batch_source, check_labels
-from .errors import ConfigError, DivergenceError, ModelError
+from .errors import ConfigError, DivergenceError, Interrupted, ModelError  # noqa: F401  (Interrupted re-exported)
 from .fileio import atomic_torch_save
 from .graphs import StepGraph
 from .progress import progress_bar
@@ -285,14 +285,6 @@ class ANPResult:
     num_neurons: int
     layers: List[str] = field(default_factory=list)
     info: Dict = field(default_factory=dict)  # what a method reports beyond the masks (RNP: its unlearning)
-
-
-class Interrupted(KeyboardInterrupt):
-    """optimize_masks was interrupted; ``.result`` holds the masks and history reached so far."""
-
-    def __init__(self, result: ANPResult):
-        super().__init__(f"interrupted after {len(result.loss_history)} iterations")
-        self.result = result
 
 
 RESUME_FORMAT = "anp_fast.resume/1"

@@ -35,3 +35,13 @@ class DivergenceError(ANPError, RuntimeError):
 
 class CheckpointError(ANPError, ValueError):
     """A model checkpoint is missing, unreadable, refused as unsafe, or does not fit the model."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """A long run (optimize_masks, a method's loop) was interrupted; ``.result`` holds what it reached so far
+    (an ANPResult: masks and loss history). Defined here, torch-free, so the command line can catch it without
+    importing the engine."""
+
+    def __init__(self, result):
+        super().__init__(f"interrupted after {len(result.loss_history)} iterations")
+        self.result = result

@@ -22,7 +22,7 @@ import torch.nn as nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from .config import ANPConfig
-from .engine import Interrupted
+from .errors import Interrupted
 from .errors import ANPError, ConfigError, DataError
 from .fileio import atomic_write_text
 from .maskfile import load_masks, save_masks

@@ -1,0 +1,46 @@
+"""The command line answers --help and a mistyped flag without importing torch (issue 12.8: it took 15-28 s on
+a new user's machine, 2.7 s here; 0.04 s after), and `anp-fast bench` still takes its own flags."""
+import subprocess
+import sys
+
+import pytest
+
+PROBE = """
+import sys
+from anp_fast.cli import main
+try:
+    rc = main({argv!r})
+except SystemExit as exc:
+    rc = exc.code
+print("RC", rc)
+print("TORCH", "torch" in sys.modules)
+"""
+
+
+@pytest.mark.parametrize("argv, rc", [(["--help"], 0), (["purify", "--help"], 0), (["prune", "--help"], 0),
+                                      (["purify", "--chekpoint", "x"], 2), (["nosuchcommand"], 2)])
+def test_help_and_typos_never_import_torch(argv, rc):
+    out = subprocess.run([sys.executable, "-c", PROBE.format(argv=argv)], capture_output=True, text=True,
+                         timeout=120)
+    assert f"RC {rc}" in out.stdout, out.stdout + out.stderr
+    assert "TORCH False" in out.stdout, "the command line imported torch before it needed it"
+
+
+def test_import_anp_fast_is_torch_free_until_a_name_is_used():
+    probe = ("import sys, anp_fast; a = 'torch' in sys.modules; from anp_fast import ANPConfig, prune; "
+             "print(a, 'torch' in sys.modules, callable(prune), ANPConfig().eps)")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert out.stdout.split() == ["False", "True", "True", "0.4"], out.stdout + out.stderr
+
+
+def test_bench_takes_its_own_flags(capsys):
+    from anp_fast.cli import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["bench", "--help"])
+    assert exc.value.code == 0
+    text = capsys.readouterr().out
+    assert text.startswith("usage: anp-fast bench") and "--modes" in text
+    with pytest.raises(SystemExit) as exc:
+        main(["bench", "--no-such-flag"])
+    assert exc.value.code == 2
