@@ -12,6 +12,17 @@ from .errors import Interrupted
 from .errors import ANPError
 
 
+class _HelpFormatter(argparse.HelpFormatter):
+    """Every option's help ends with its default (unless it has none, or the help already says it)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if (action.option_strings and action.default not in (None, False, [], argparse.SUPPRESS)
+                and "default" not in text):
+            text += " (default: %(default)s)"
+        return text
+
+
 def _add_config_flags(p: argparse.ArgumentParser, skip=("iters", "seed")) -> None:
     d = ANPConfig()
     g = p.add_argument_group("ANP options (defaults are the published ones)")
@@ -58,10 +69,12 @@ def _config_from(args) -> ANPConfig:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="anp-fast", description="Adversarial Neuron Pruning, fast.")
+    parser = argparse.ArgumentParser(prog="anp-fast", description="Adversarial Neuron Pruning, fast.",
+                                     formatter_class=_HelpFormatter)
     parser.add_argument("--version", action="version", version=f"anp-fast {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    demo = sub.add_parser("demo", help="backdoor a ResNet on scikit-learn's digits, then purify it with ANP",
+    demo = sub.add_parser("demo", formatter_class=_HelpFormatter,
+                          help="backdoor a ResNet on scikit-learn's digits, then purify it with ANP",
                           description="Train a small ResNet on scikit-learn's digits with a backdoor, run ANP on "
                                       "a clean split the attack never touched, prune, report ACC/ASR.")
     demo.add_argument("--out", default="anp_demo_out", help="output folder (default: %(default)s)")
@@ -78,13 +91,14 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--trigger", default="badnets",
                       help="badnets | patch | blend | sig | wanet, with options NAME:KEY=VALUE (default: badnets)")
     demo.add_argument("--target", type=int, default=0, help="backdoor target class (0-9)")
-    demo.add_argument("--poison-rate", type=float, default=0.1)
+    demo.add_argument("--poison-rate", type=float, default=0.1, help="fraction of training images poisoned")
     demo.add_argument("--epochs", type=int, default=15, help="training epochs of the backdoored model")
-    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--seed", type=int, default=0, help="seed of the split, the training and ANP")
     demo.add_argument("--overwrite", action="store_true", help="replace results already in --out")
     demo.add_argument("--no-progress", action="store_true", help="no progress bars")
     _add_config_flags(demo)
-    purify = sub.add_parser("purify", help="run ANP on an untrusted checkpoint, prune, write the purified model",
+    purify = sub.add_parser("purify", formatter_class=_HelpFormatter,
+                            help="run ANP on an untrusted checkpoint, prune, write the purified model",
                             description="Load a checkpoint (safely: tensors only), run ANP on a little clean data, "
                                         "prune, and write the purified checkpoint (.safetensors and .pt), the "
                                         "masks, a JSON report, the pruning sweep (CSV) and plots into --out.")
@@ -125,24 +139,28 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_flags(purify, skip=())
     _add_rnp_flags(purify)
     parser.purify = purify
-    prune_p = sub.add_parser("prune", help="prune a checkpoint with a mask file; write it and the pruning sweep",
+    prune_p = sub.add_parser("prune", formatter_class=_HelpFormatter,
+                             help="prune a checkpoint with a mask file; write it and the pruning sweep",
                              description="Masks (published format) + checkpoint -> pruned checkpoint, sweep CSV, "
                                          "plot and report.")
     _add_model_data_flags(prune_p, checkpoint=True)
     prune_p.add_argument("--masks", required=True, help="mask file (published ' \\t ' format)")
-    prune_p.add_argument("--prune", default="threshold:0.2", help="threshold:T | number:K | fraction:F | auto[:walk|most|first]")
+    prune_p.add_argument("--prune", default="threshold:0.2",
+                         help="threshold:T | number:K | fraction:F | auto[:walk|most|first]")
     prune_p.add_argument("--budget", type=float, default=2.0, help="auto: clean accuracy drop allowed (points)")
     prune_p.add_argument("--trigger", default=None,
                          help="badnets | patch | blend | sig | wanet | published-badnets | published-4corner | "
                               "backdoorbench-badnets | backdoorbench-blended (with options) | trigger_info.th | "
                               "an image file (report ASR)")
-    prune_p.add_argument("--target", type=int, default=None)
+    prune_p.add_argument("--target", type=int, default=None,
+                         help="the backdoor's target class (with --trigger: report the ASR)")
     prune_p.add_argument("--seed", type=int, default=0, help="seed of the held-out clean split (as in purify)")
     prune_p.add_argument("--clean-fraction", type=float, default=None, help="as given to purify (default 0.01)")
     prune_p.add_argument("--clean-count", type=int, default=None, help="as given to purify")
     prune_p.add_argument("--holdout-fraction", type=float, default=0.2, help="as given to purify")
-    prune_p.add_argument("--device", default=None)
-    attack = sub.add_parser("attack", help="train a backdoored model (for research and tests)",
+    prune_p.add_argument("--device", default=None, help="cpu (default), cuda, cuda:N")
+    attack = sub.add_parser("attack", formatter_class=_HelpFormatter,
+                            help="train a backdoored model (for research and tests)",
                             description="Train --arch on --data with a fraction of the training split poisoned "
                                         "by a trigger; write the checkpoint (.safetensors, .pt) and attack.json.")
     _add_model_data_flags(attack, checkpoint=False)
@@ -160,13 +178,14 @@ def build_parser() -> argparse.ArgumentParser:
     attack.add_argument("--epochs", type=int, default=30, help="training epochs (default: %(default)s)")
     attack.add_argument("--batch-size", type=int, default=128, help="(default: %(default)s)")
     attack.add_argument("--lr", type=float, default=0.05, help="SGD learning rate, one-cycle (default: %(default)s)")
-    attack.add_argument("--seed", type=int, default=0)
-    attack.add_argument("--device", default=None)
-    export = sub.add_parser("export-digits", help="write scikit-learn's digits as CIFAR-10 python-format files",
+    attack.add_argument("--seed", type=int, default=0, help="seed of the poisoning, the initial weights and training")
+    attack.add_argument("--device", default=None, help="cpu (default), cuda, cuda:N")
+    export = sub.add_parser("export-digits", formatter_class=_HelpFormatter,
+                            help="write scikit-learn's digits as CIFAR-10 python-format files",
                             description="Write the digits (upscaled to 3x32x32) in the published CIFAR-10 python "
                                         "format under DIR, to try the CIFAR pipeline without a download.")
     export.add_argument("dir")
-    export.add_argument("--seed", type=int, default=0)
+    export.add_argument("--seed", type=int, default=0, help="seed of the train/test split")
     # its flags live with the benchmark package (which imports torch): `anp-fast bench ...` is handed to it
     sub.add_parser("bench", help="time ANP iterations: the eager published loop against the engine "
                                  "(anp-fast bench --help: its options)", add_help=False)
@@ -278,7 +297,10 @@ def _purify(args) -> int:
             raise ANPError(f"--resume {args.resume}: no anp-fast purify run there ({COMMAND_FILE} is missing)")
         with open(saved) as f:
             recorded = json.load(f)
-        resume_dir = args.resume
+        resume_dir = os.path.abspath(args.resume)
+        cwd = recorded.get("cwd")
+        if cwd and os.path.isdir(cwd):  # the recorded paths are relative to where the run was started
+            os.chdir(cwd)
         _, args = parse(recorded["argv"])
         args.out, args.resume = resume_dir, resume_dir
         argv = recorded["argv"]
@@ -304,7 +326,8 @@ def _purify(args) -> int:
                budget=args.budget, trigger=args.trigger, target=args.target, save_every=args.save_every,
                resume=args.resume is not None, overwrite=args.overwrite,
                allow_small_clean=args.sample_with_replacement, workers=args.workers,
-               progress=not args.no_progress, command={"argv": argv}, normalize=args.normalize,
+               progress=not args.no_progress, command={"argv": argv, "cwd": os.getcwd()},
+               normalize=args.normalize,
                force=args.force)
     return 0
 
@@ -318,7 +341,7 @@ def _prune(args) -> int:
               trigger=args.trigger, target=args.target, seed=args.seed, device=args.device,
               clean_fraction=args.clean_fraction, clean_count=args.clean_count,
               holdout_fraction=args.holdout_fraction, overwrite=args.overwrite, normalize=args.normalize,
-              force=args.force)
+              force=args.force, progress=not args.no_progress)
     return 0
 
 
@@ -409,6 +432,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 2
     except Interrupted:
         print("anp-fast: interrupted", file=sys.stderr)
+        return 130
+    except KeyboardInterrupt:  # Ctrl-C outside the ANP loop (loading, sweeps, training): every file is atomic
+        print("anp-fast: interrupted (no output half-written)", file=sys.stderr)
         return 130
 
 

@@ -402,7 +402,7 @@ def _pruning_sweep(model, masks, evaluator: Evaluator, rule: Dict, progress: boo
     """The sweep rows (threshold grid, every column) and the chosen rule."""
     from .selection import choose
 
-    rows = sweep(model, masks, evaluator, thresholds=THRESHOLDS)
+    rows = sweep(model, masks, evaluator, thresholds=THRESHOLDS, progress=progress)
     if rule.get("auto"):
         if evaluator.holdout is None:
             raise ConfigError("--prune auto needs a held-out clean split (--holdout-fraction > 0)")
@@ -454,6 +454,12 @@ def run_purify(*, arch: str, checkpoint: str, data: str, out: str, config: ANPCo
     if method not in METHODS:
         raise ConfigError(f"--method {method!r}: known methods are {', '.join(METHODS)}")
     saved_state = any(os.path.exists(os.path.join(out, f)) for f in STATE_FILES)
+    finished = os.path.join(out, "report.json")
+    if resume and os.path.exists(finished) and all(
+            os.path.getmtime(finished) >= os.path.getmtime(os.path.join(out, f))
+            for f in STATE_FILES if os.path.exists(os.path.join(out, f))):
+        raise ConfigError(f"{out} holds a finished run (its report.json is newer than its saved state): nothing "
+                          "to resume, nothing changed; choose another --out, or --overwrite to run again there")
     if resume and not saved_state and any(os.path.exists(os.path.join(out, f)) for f in PURIFY_OUTPUTS):
         raise ConfigError(f"{out} holds a finished run (no saved state to continue): nothing to resume; choose "
                           "another --out, or --overwrite to run again there")
@@ -595,7 +601,7 @@ def run_prune(*, arch: str, checkpoint: str, masks_file: str, data: str, out: st
               clean_fraction: Optional[float] = None, clean_count: Optional[int] = None,
               trigger: Optional[str] = None, target: Optional[int] = None, seed: int = 0,
               device: Optional[str] = None, overwrite: bool = False, normalize: Optional[str] = None,
-              force: bool = False, log=print) -> Dict:
+              force: bool = False, progress: bool = True, log=print) -> Dict:
     """Masks + checkpoint -> pruned checkpoint, sweep CSV and report. The held-out clean split (for auto) is the
     one ``purify`` drew with the same clean fraction/count, holdout fraction and seed."""
     from .checkpoint import save_checkpoint
@@ -634,7 +640,7 @@ def run_prune(*, arch: str, checkpoint: str, masks_file: str, data: str, out: st
     model = loaded.model.to(dev)
     evaluator = Evaluator(dev, loaded.norm_test, holdout, triggered, target, clean=clean)
     plausible = check_plausible(model, loaded, dev, checkpoint, force, log)
-    rows, chosen = _pruning_sweep(model, masks, evaluator, rule)
+    rows, chosen = _pruning_sweep(model, masks, evaluator, rule, progress)
     pruned = prune(model, masks, **chosen)
     after = evaluator(pruned)
     make_out(out)

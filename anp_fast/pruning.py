@@ -126,9 +126,10 @@ def pruned_count(masks: Mapping[str, Tensor], **rule) -> int:
 
 def sweep(model: nn.Module, masks: Mapping[str, Tensor], evaluate: Callable[[nn.Module], Dict[str, float]],
           thresholds: Optional[Iterable[float]] = None, numbers: Optional[Iterable[int]] = None,
-          fractions: Optional[Iterable[float]] = None) -> List[Dict[str, float]]:
+          fractions: Optional[Iterable[float]] = None, progress: bool = False) -> List[Dict[str, float]]:
     """Evaluate the model pruned at each value of ONE rule (default: thresholds 0, 0.05, ..., 0.9, as the
-    published script). Works on a single copy whose scales are restored between values."""
+    published script). Works on a single copy whose scales are restored between values. ``progress``: a bar
+    over the values."""
     rules = [(k, list(v)) for k, v in (("threshold", thresholds), ("number", numbers), ("fraction", fractions))
              if v is not None]
     if len(rules) > 1:
@@ -139,6 +140,11 @@ def sweep(model: nn.Module, masks: Mapping[str, Tensor], evaluate: Callable[[nn.
     modules = dict(work.named_modules())
     saved = {name: modules[name].weight.detach().clone() for name in found}
     rows = []
+    bar = None
+    if progress:
+        from .progress import progress_bar
+
+        bar = progress_bar(len(values), f"pruning sweep ({rule})", unit="cut")
     for value in values:
         selected = select_pruned(masks, **{rule: value})
         for name, idx in selected.items():
@@ -149,4 +155,8 @@ def sweep(model: nn.Module, masks: Mapping[str, Tensor], evaluate: Callable[[nn.
         row = {rule: value, "pruned": sum(int(i.numel()) for i in selected.values())}
         row.update(evaluate(work))
         rows.append(row)
+        if bar is not None:
+            bar.update(1)
+    if bar is not None:
+        bar.close()
     return rows

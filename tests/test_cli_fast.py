@@ -44,3 +44,26 @@ def test_bench_takes_its_own_flags(capsys):
     with pytest.raises(SystemExit) as exc:
         main(["bench", "--no-such-flag"])
     assert exc.value.code == 2
+
+
+def test_every_option_has_help_and_shows_its_default():
+    import argparse
+
+    from anp_fast.cli import build_parser
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    missing = []
+    for name, sp in sub.choices.items():
+        if name == "bench":  # its options are the benchmark package's (test_bench_takes_its_own_flags)
+            continue
+        fmt = sp._get_formatter()
+        for action in sp._actions:
+            if not action.option_strings or isinstance(action, argparse._HelpAction):
+                continue
+            text = fmt._get_help_string(action) or ""
+            if not text or (action.default not in (None, False, []) and "default" not in text):
+                missing.append(f"{name} {action.option_strings[-1]}")
+    assert missing == []
+    text = sub.choices["attack"].format_help()
+    assert "--epochs EPOCHS       training epochs (default: 30)" in text

@@ -357,3 +357,63 @@ def test_attack_is_reproducible_from_its_seed(tmp_path):
         outs.append(load_state_dict(str(tmp_path / f"a{i}" / "backdoored.safetensors")))
     assert all(torch.equal(outs[0][k], outs[1][k]) for k in outs[0])
     assert not all(torch.equal(outs[0][k], outs[2][k]) for k in outs[0])
+
+
+def test_resume_of_a_finished_run_with_saved_state_changes_nothing(tmp_path, tiny_cifar, tiny_checkpoint, capsys):
+    """A run with --save-every keeps its state file after finishing; --resume used to re-run the last iterations
+    and rewrite every output. Now it says the run is finished and leaves every file as it was."""
+    out = tmp_path / "o"
+    assert main(["purify", *TINY, "--iters", "4", "--save-every", "2", "--checkpoint", tiny_checkpoint, "--data",
+                 tiny_cifar, "--prune", "threshold:0.2", "--out", str(out)]) == 0
+    assert (out / "anp_state.pt").exists()  # kept after finishing: what the old resume picked up
+    before = _snapshot(str(out))
+    _fails(capsys, ["purify", "--resume", str(out)], "holds a finished run")
+    assert _snapshot(str(out)) == before
+
+
+def test_resume_works_from_another_directory(tmp_path, tiny_cifar, tiny_checkpoint, monkeypatch):
+    """command.json records the directory the run started in: relative paths resolve from there."""
+    from anp_fast.engine import ANPEngine
+
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    ckpt = os.path.relpath(tiny_checkpoint, work)
+    calls = {"n": 0}
+    real = ANPEngine.step
+
+    def stop_after_two(self, *a, **k):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(ANPEngine, "step", stop_after_two)
+    assert main(["purify", *TINY, "--iters", "6", "--save-every", "2", "--checkpoint", ckpt, "--data", tiny_cifar,
+                 "--prune", "threshold:0.2", "--out", "run"]) == 130
+    monkeypatch.setattr(ANPEngine, "step", real)
+    elsewhere = tmp_path / "a" / "b" / "c"  # another depth: the relative paths would miss from here
+    elsewhere.mkdir(parents=True)
+    monkeypatch.chdir(elsewhere)
+    assert main(["purify", "--resume", str(work / "run")]) == 0
+    assert (work / "run" / "report.json").exists()
+
+
+def test_ctrl_c_outside_the_anp_loop_is_a_clean_exit(tmp_path, tiny_cifar, tiny_checkpoint, monkeypatch, capsys):
+    import anp_fast.pipeline as pipeline
+
+    def interrupt(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pipeline, "_pruning_sweep", interrupt)
+    masks = tmp_path / "m.txt"
+    from anp_fast import save_masks
+    from anp_fast.surgery import perturbable_layers
+
+    model = build_arch("resnet18", num_classes=10, width=4)
+    save_masks({n: torch.full((k,), 0.5) for n, k in perturbable_layers(model)}, str(masks))
+    rc = main(["prune", "--arch", "resnet18", "--arch-arg", "width=4", "--checkpoint", tiny_checkpoint, "--masks",
+               str(masks), "--data", tiny_cifar, "--clean-count", "20", "--force", "--out", str(tmp_path / "p")])
+    assert rc == 130
+    err = capsys.readouterr().err
+    assert "interrupted" in err and "Traceback" not in err
