@@ -1,4 +1,6 @@
 """The eager perturbed ops (the specification) against direct torch calls, and the dispatch point."""
+import os
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -119,3 +121,74 @@ def test_missing_cpp_library_warns_once_and_runs_eagerly(monkeypatch):
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # the second time: no warning
         assert ops.resolve("perturbed_batch_norm", "cpu") is eager.perturbed_batch_norm
+
+
+def test_unknown_backend_name_raises_naming_the_valid_ones(monkeypatch):
+    x = torch.randn(4, 3, 5, 5)
+    w, b = torch.ones(3), torch.zeros(3)
+    monkeypatch.setenv("ANP_FAST_BACKEND", "cpu_fast")
+    with pytest.raises(ValueError, match=r"ANP_FAST_BACKEND='cpu_fast': unknown backend; valid: eager, cpp, cuda, "
+                                         r"triton"):
+        ops.resolve("perturbed_batch_norm", "cpu")
+
+
+def test_requested_but_missing_backend_raises_with_the_reason(monkeypatch):
+    monkeypatch.setattr(ops, "_missing", {**ops._missing, "cuda": ImportError("No module named anp_fast._cuda")})
+    monkeypatch.setenv("ANP_FAST_BACKEND", "cuda")
+    with pytest.raises(RuntimeError, match=r"ANP_FAST_BACKEND='cuda' was requested but that backend did not load "
+                                           r"here \(ImportError: No module named anp_fast._cuda\)"):
+        ops.resolve("perturbed_batch_norm", "cuda")
+
+
+def test_only_not_built_counts_as_missing(monkeypatch):
+    """ImportError/OSError: not built (skipped); any other error while loading a backend is a bug: it propagates."""
+    import importlib
+
+    from anp_fast.ops import loaders
+
+    def broken(name):
+        raise ZeroDivisionError("a bug in the extension's import")
+
+    monkeypatch.setattr(importlib, "import_module", broken)
+    with pytest.raises(ZeroDivisionError):
+        loaders.cpp_kernels()
+
+    def absent(name):
+        raise ImportError(f"No module named {name}")
+
+    monkeypatch.setattr(importlib, "import_module", absent)
+    kernels, err = loaders.cpp_kernels()
+    assert kernels is None and isinstance(err, ImportError)
+
+
+def test_cuda_backend_does_not_claim_fp16(monkeypatch):
+    """The CUDA source rejects float16 (TORCH_CHECK float32/bfloat16): the backend must not claim it, so fp16 input
+    falls back to eager instead of raising on a GPU."""
+    import importlib
+    import types
+
+    from anp_fast.ops import loaders
+
+    monkeypatch.setattr(importlib, "import_module", lambda name: types.ModuleType(name))
+    ext, err = loaders.cuda_kernels()
+    assert err is None
+
+    class FakeCuda:  # what supports() reads of a tensor
+        def __init__(self, dtype):
+            self.device, self.dtype = types.SimpleNamespace(type="cuda"), dtype
+
+        def dim(self):
+            return 4
+
+        def numel(self):
+            return 8
+
+    assert ext.supports(FakeCuda(torch.float32)) and ext.supports(FakeCuda(torch.bfloat16))
+    assert not ext.supports(FakeCuda(torch.float16))
+
+
+@pytest.mark.skipif(os.environ.get("ANP_FAST_BUILD_CPP") == "0", reason="ANP_FAST_BUILD_CPP=0: built without C++")
+def test_cpp_backend_is_built_and_used_on_the_cpu():
+    """Unless the build was told not to, the C++ CPU kernels are there and are what a CPU batch norm runs."""
+    assert "cpp" in ops.backends("perturbed_batch_norm", "cpu"), f"C++ kernels not built: {ops._cpp_error}"
+    assert ops.resolve("perturbed_batch_norm", "cpu") is ops.implementation("perturbed_batch_norm", "cpp")

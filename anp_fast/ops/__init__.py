@@ -23,6 +23,8 @@ _REGISTRY: Dict[str, Dict[str, Tuple[Callable, Tuple[str, ...]]]] = {op: {} for 
 _custom_ops: Dict[str, tuple] = {}  # backend -> (forward op, backward op) of its fused batch norm
 _loaded = False
 _cpp_error: Optional[BaseException] = None  # why the C++ CPU kernels did not load (None: they did)
+_missing: Dict[str, BaseException] = {}  # compiled backend -> why it did not load
+COMPILED = ("cpp", "cuda", "triton")  # the compiled backends ANP_FAST_BACKEND may name, besides eager
 
 
 def register(op: str, backend: str, fn: Callable, *, devices: Sequence[str] = ALL_DEVICES,
@@ -53,14 +55,18 @@ def _load_fused() -> None:
     global _cpp_error
     from . import fused, loaders
     cpp, _cpp_error = loaders.cpp_kernels()
-    for name, (kernels, devices) in (("triton", (loaders.triton_kernels(), ("cuda",))),
-                                     ("cuda", (loaders.cuda_kernels(), ("cuda",))),
-                                     ("cpp", (cpp, ("cpu",)))):
+    triton, triton_error = loaders.triton_kernels()
+    cuda, cuda_error = loaders.cuda_kernels()
+    for name, kernels, err, devices in (("triton", triton, triton_error, ("cuda",)),
+                                        ("cuda", cuda, cuda_error, ("cuda",)),
+                                        ("cpp", cpp, _cpp_error, ("cpu",))):
         if kernels is not None:
             fn, fwd, bwd = fused.define_batch_norm(name, kernels)
             _custom_ops[name] = (fwd, bwd)
             register("perturbed_batch_norm", name, fn, devices=devices)
-    layer_norm = loaders.triton_layer_norm_kernels()
+        else:
+            _missing[name] = err
+    layer_norm, _ = loaders.triton_layer_norm_kernels()
     if layer_norm is not None:
         fn, fwd, bwd = fused.define_layer_norm("triton", layer_norm)
         _custom_ops["triton_layer_norm"] = (fwd, bwd)
@@ -95,6 +101,7 @@ def resolve(op: str, device_type: str = "cpu", fused: bool = True) -> Callable:
         return table["eager"][0]
     forced = os.environ.get("ANP_FAST_BACKEND")
     if forced:
+        _check_forced(forced)
         fn, devices = table.get(forced, table["eager"])
         return fn if device_type in devices else table["eager"][0]
     for name, (fn, devices) in table.items():
@@ -106,6 +113,17 @@ def resolve(op: str, device_type: str = "cpu", fused: bool = True) -> Callable:
                                  "`pip install --no-build-isolation -e .` in the source tree.")
             return fn
     return table["eager"][0]
+
+
+def _check_forced(name: str) -> None:
+    """ANP_FAST_BACKEND must name a backend (raises ValueError naming the valid ones) that loaded here (raises
+    RuntimeError with the reason it did not). A backend that lacks the op or the device still runs eagerly."""
+    if name != "eager" and name not in COMPILED:
+        raise ValueError(f"ANP_FAST_BACKEND={name!r}: unknown backend; valid: eager, {', '.join(COMPILED)}")
+    if name in _missing:
+        err = _missing[name]
+        raise RuntimeError(f"ANP_FAST_BACKEND={name!r} was requested but that backend did not load here "
+                           f"({type(err).__name__}: {err})")
 
 
 for _op in OPS:

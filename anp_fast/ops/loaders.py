@@ -62,9 +62,12 @@ class _Triton(_TritonModule):
 
 
 def _import(name: str):
+    """(module, None), or (None, why) when it is not built or cannot be loaded here: ImportError (not built, or
+    a missing dependency such as triton) and OSError (a shared library that does not load). Anything else is a
+    bug in the backend and propagates."""
     try:
         return importlib.import_module(name), None
-    except Exception as exc:  # ImportError, or an ABI mismatch surfacing as OSError/RuntimeError
+    except (ImportError, OSError) as exc:
         return None, exc
 
 
@@ -74,14 +77,17 @@ def cpp_kernels():
     return (_Extension(module, "cpu", _FLOAT_TYPES), None) if module is not None else (None, err)
 
 
-def cuda_kernels() -> Optional[_Extension]:
-    module, _ = _import("anp_fast._cuda_kernels")
-    return None if module is None else _Extension(module, "cuda", _FLOAT_TYPES + (torch.float16,))
+def cuda_kernels():
+    """(kernels, None) or (None, the reason they did not load). float32 and bfloat16 only: the CUDA source
+    rejects float16 (csrc/cuda/perturbed_batch_norm.cu), so fp16 input falls back instead of raising."""
+    module, err = _import("anp_fast._cuda_kernels")
+    return (_Extension(module, "cuda", _FLOAT_TYPES), None) if module is not None else (None, err)
 
 
-def triton_kernels() -> Optional[_Triton]:
-    module, _ = _import("anp_fast_kernels.perturbed_batch_norm")
-    return None if module is None else _Triton(module)
+def triton_kernels():
+    """(kernels, None) or (None, the reason they did not load)."""
+    module, err = _import("anp_fast_kernels.perturbed_batch_norm")
+    return (_Triton(module), None) if module is not None else (None, err)
 
 
 class _TritonLayerNorm(_TritonModule):
@@ -90,6 +96,7 @@ class _TritonLayerNorm(_TritonModule):
                 and features <= self.module.MAX_D)
 
 
-def triton_layer_norm_kernels() -> Optional[_TritonLayerNorm]:
-    module, _ = _import("anp_fast_kernels.perturbed_layer_norm")
-    return None if module is None else _TritonLayerNorm(module)
+def triton_layer_norm_kernels():
+    """(kernels, None) or (None, the reason they did not load)."""
+    module, err = _import("anp_fast_kernels.perturbed_layer_norm")
+    return (_TritonLayerNorm(module), None) if module is not None else (None, err)
