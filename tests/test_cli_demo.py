@@ -76,3 +76,14 @@ def test_cli_errors_are_one_line(tmp_path, args, message):
     assert proc.stderr.strip() == f"anp-fast: error: {message}"
     assert "Traceback" not in proc.stderr
     assert not os.path.exists(tmp_path / "o" / "summary.json")
+
+
+def test_a_later_demo_removes_the_stale_partial_masks(tmp_path):
+    """masks.partial.txt (left by an interrupted demo) must not outlive a later successful run in that folder."""
+    out = tmp_path / "demo"
+    assert main(["demo", "--out", str(out), "--iters", "3", "--epochs", "1", "--no-progress",
+                 "--threshold", "0.5"]) == 0
+    (out / "masks.partial.txt").write_text("stale")
+    assert main(["demo", "--out", str(out), "--iters", "3", "--epochs", "1", "--no-progress",
+                 "--threshold", "0.5", "--overwrite"]) == 0
+    assert not (out / "masks.partial.txt").exists()
