@@ -84,6 +84,31 @@ def _linear_gate_forward(self, x: Tensor) -> Tensor:
                                       fused=self._anp_state.fused)
 
 
+def _channel_shape(out: Tensor, dim: int) -> Tuple[int, ...]:
+    shape = [1] * out.dim()
+    shape[dim] = out.shape[dim]
+    return tuple(shape)
+
+
+def _subclass_gate_forward(self, x: Tensor, dim: int) -> Tensor:
+    """A conv/linear subclass with its own forward (weight standardisation, 'same' padding, ...): its output,
+    minus its bias, is gated like a plain layer's (the bias perturbed separately, as everywhere)."""
+    out = self._anp_base.forward(self, x)
+    bias = self.bias
+    if bias is not None:
+        out = out - bias.view(_channel_shape(out, dim))
+    coef_w, coef_b = _coefficients(self)
+    return ops.perturbed_channel_gate(out, bias, coef_w, coef_b, dim, fused=self._anp_state.fused)
+
+
+def _conv_subclass_gate_forward(self, x: Tensor) -> Tensor:
+    return _subclass_gate_forward(self, x, 1)
+
+
+def _linear_subclass_gate_forward(self, x: Tensor) -> Tensor:
+    return _subclass_gate_forward(self, x, -1)
+
+
 _FORWARDS: Dict[str, Callable] = {
     "batch_norm": _batch_norm_forward,
     "layer_norm": _layer_norm_forward,
@@ -91,6 +116,8 @@ _FORWARDS: Dict[str, Callable] = {
     "norm": _generic_norm_forward,
     "conv_gate": _conv_gate_forward,
     "linear_gate": _linear_gate_forward,
+    "conv_subclass_gate": _conv_subclass_gate_forward,
+    "linear_subclass_gate": _linear_subclass_gate_forward,
 }
 _CLASSES: Dict[Tuple[type, str], type] = {}
 
@@ -112,17 +139,20 @@ def norm_kind(module: nn.Module) -> Optional[str]:
 
 
 def gate_kind(module: nn.Module) -> Optional[str]:
-    """'conv_gate' or 'linear_gate' for a conv/linear layer with the standard forward, else None."""
+    """'conv_gate' / 'linear_gate' for a conv/linear layer with the standard forward; 'conv_subclass_gate' /
+    'linear_subclass_gate' for a subclass with its own (timm's ScaledStdConv2d, Conv2dSame, ...): its output is
+    gated; else None."""
     cls = type(module)
-    if isinstance(module, _CONV) and cls.forward in (nn.Conv1d.forward, nn.Conv2d.forward, nn.Conv3d.forward):
-        return "conv_gate"
-    if isinstance(module, nn.Linear) and cls.forward is nn.Linear.forward:
-        return "linear_gate"
+    if isinstance(module, _CONV):
+        standard = cls.forward in (nn.Conv1d.forward, nn.Conv2d.forward, nn.Conv3d.forward)
+        return "conv_gate" if standard else "conv_subclass_gate"
+    if isinstance(module, nn.Linear):
+        return "linear_gate" if cls.forward is nn.Linear.forward else "linear_subclass_gate"
     return None
 
 
 def neuron_count(module: nn.Module, kind: str) -> int:
-    if kind in ("conv_gate", "linear_gate"):
+    if kind.endswith("gate"):
         return module.weight.shape[0]
     return module.weight.numel()
 
