@@ -4,9 +4,11 @@ The C++ CPU kernels (csrc/cpu) always build; they need torch at build time, so i
 ``pip install --no-build-isolation -e .`` after torch. The CUDA kernels (csrc/cuda) build when torch sees a
 CUDA device, or when ``ANP_FAST_BUILD_CUDA=1`` forces them (architectures from ``TORCH_CUDA_ARCH_LIST``);
 ``ANP_FAST_BUILD_CUDA=0`` skips them, ``ANP_FAST_BUILD_CPP=0`` skips every compiled extension (the package
-then falls back to its Triton and eager ops, with a warning).
+then falls back to its Triton and eager ops, with a warning). The CPU build is portable unless
+``ANP_FAST_NATIVE_ARCH=1`` (-march=native: this machine only); ``ANP_FAST_DEBUG=1`` builds -O0 -g.
 """
 import os
+import platform
 
 from setuptools import find_packages, setup
 
@@ -23,11 +25,21 @@ def _extensions():
     from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
 
     include = [os.path.abspath("csrc")]
-    cpu_flags = ["-O3", "-fopenmp"]  # the C++ standard is the one torch asks for
-    if _flag("ANP_FAST_NATIVE_ARCH") is not False:  # built where it runs: use the machine's vector units
-        cpu_flags.append("-march=native")
-    exts = [CppExtension("anp_fast._cpu_kernels", ["csrc/cpu/perturbed_batch_norm.cpp"], include_dirs=include,
-                         extra_compile_args=cpu_flags, extra_link_args=["-fopenmp"])]
+    # Portable by default, with runtime CPU dispatch as ATen does: _cpu_kernels is built for the baseline
+    # x86-64 (runs on any CPU the torch wheel runs on: a wheel or shared install built on one CPU must not die
+    # with an illegal instruction on another), _cpu_kernels_v3 / _v4 for x86-64-v3 (AVX2, FMA) and x86-64-v4
+    # (AVX-512); anp_fast.ops.loaders imports the best one this CPU runs. ANP_FAST_NATIVE_ARCH=1: one
+    # -march=native build, for use only where it is built; ANP_FAST_DEBUG=1: -O0 -g (gdb, sanitizers).
+    cpu_flags = ["-O0", "-g"] if _flag("ANP_FAST_DEBUG") else ["-O3"]
+    cpu_flags.append("-fopenmp")  # the C++ standard is the one torch asks for
+    variants = {"": []}
+    if _flag("ANP_FAST_NATIVE_ARCH"):
+        variants = {"": ["-march=native"]}
+    elif platform.machine().lower() in ("x86_64", "amd64"):
+        variants.update({"_v3": ["-march=x86-64-v3"], "_v4": ["-march=x86-64-v4"]})
+    exts = [CppExtension(f"anp_fast._cpu_kernels{suffix}", ["csrc/cpu/perturbed_batch_norm.cpp"],
+                         include_dirs=include, extra_compile_args=cpu_flags + arch, extra_link_args=["-fopenmp"])
+            for suffix, arch in variants.items()]
     build_cuda = _flag("ANP_FAST_BUILD_CUDA")
     if build_cuda is None:
         build_cuda = torch.cuda.is_available()

@@ -149,19 +149,23 @@ def main(argv=None):
     backend = args.backend or next(b for b in ops.backends("perturbed_batch_norm", device.type) if b != "eager")
     rows = measure(backend, device, args.dtypes.split(","), args.batch, not args.nchw, args.rounds)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or "cpu")
-    meta = dict(backend=backend, device=name, torch=torch.__version__, threads=torch.get_num_threads(),
+    from anp_fast.ops import loaders
+    variant = loaders.cpu_variant if backend == "cpp" else None  # which C++ CPU build ran (runtime dispatch)
+    meta = dict(backend=backend, cpu_variant=variant, device=name, torch=torch.__version__,
+                threads=torch.get_num_threads(),
                 batch=args.batch, layout="nchw" if args.nchw else "channels_last", commit=_commit(),
                 when=time.strftime("%Y-%m-%d %H:%M:%S"))
     if args.out:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
-        stem = out / f"ops_batch_norm_{backend}_{device.type}_{time.strftime('%Y%m%d-%H%M%S')}"
+        tag = f"{backend}-{variant}" if variant else backend
+        stem = out / f"ops_batch_norm_{tag}_{device.type}_{time.strftime('%Y%m%d-%H%M%S')}"
         stem.with_suffix(".json").write_text(json.dumps(dict(meta=meta, rows=rows), indent=1))
         with open(stem.with_suffix(".csv"), "w", newline="") as f:
             w = csv.DictWriter(f, fieldnames=sorted({k for r in rows for k in r}))
             w.writeheader()
             w.writerows(rows)
-        lines = [f"fused perturbed batch norm ({backend}) vs eager composite, forward+backward, {meta['device']}, "
+        lines = [f"fused perturbed batch norm ({tag}) vs eager composite, forward+backward, {meta['device']}, "
                  f"torch {meta['torch']}, {meta['threads']} threads, batch {args.batch}, {meta['layout']}, "
                  f"commit {meta['commit']}", "", "| dtype | C | HxW | epilogue | count | eager ms | fused ms | speedup |",
                  "|---|---|---|---|---|---|---|---|"]

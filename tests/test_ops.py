@@ -192,3 +192,49 @@ def test_cpp_backend_is_built_and_used_on_the_cpu():
     """Unless the build was told not to, the C++ CPU kernels are there and are what a CPU batch norm runs."""
     assert "cpp" in ops.backends("perturbed_batch_norm", "cpu"), f"C++ kernels not built: {ops._cpp_error}"
     assert ops.resolve("perturbed_batch_norm", "cpu") is ops.implementation("perturbed_batch_norm", "cpp")
+
+
+_VARIANT_PROBE = """
+import torch
+from anp_fast import ops
+from anp_fast.ops import eager, loaders
+g = torch.Generator().manual_seed(0)
+x = torch.randn(6, 5, 7, 3, generator=g).contiguous(memory_format=torch.channels_last)
+w, b = torch.rand(5, generator=g) + 0.5, torch.randn(5, generator=g)
+cw, cb = torch.rand(1, 5, generator=g) + 0.5, torch.rand(1, 5, generator=g) + 0.5
+fused = ops.resolve("perturbed_batch_norm", "cpu")
+assert fused is ops.implementation("perturbed_batch_norm", "cpp")
+args = (x, w, b, cw, cb, None, None, True, 0.1, 1e-5, None, True)
+err = (fused(*args) - eager.perturbed_batch_norm(*args)).abs().max().item()
+print(loaders.cpu_variant, err)
+"""
+
+
+@pytest.mark.skipif(os.environ.get("ANP_FAST_BUILD_CPP") == "0", reason="ANP_FAST_BUILD_CPP=0: built without C++")
+def test_cpu_build_variants_dispatch_at_runtime():
+    """The portable build and the x86-64-v3/v4 builds each load when forced and agree with the eager op; unforced,
+    the best build this CPU runs is chosen; an unknown variant name raises naming the valid ones."""
+    import subprocess
+    import sys
+    from anp_fast.ops import loaders
+
+    def probe(variant):
+        env = {k: v for k, v in os.environ.items() if k != "ANP_FAST_CPU_VARIANT"}
+        if variant:
+            env["ANP_FAST_CPU_VARIANT"] = variant
+        return subprocess.run([sys.executable, "-c", _VARIANT_PROBE], env=env, capture_output=True, text=True,
+                              timeout=120)
+
+    built = [v for v, name, cap in loaders.CPU_VARIANTS if loaders._import(name)[0] is not None]
+    assert "baseline" in built
+    runnable = [v for v, _, cap in loaders.CPU_VARIANTS if v in built and loaders._cpu_runs(cap)]
+    for variant in runnable:
+        r = probe(variant)
+        assert r.returncode == 0, r.stderr
+        name, err = r.stdout.split()
+        assert name == variant and float(err) < 1e-5
+    r = probe(None)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split()[0] == runnable[0]  # CPU_VARIANTS is best first
+    r = probe("avx9000")
+    assert r.returncode != 0 and "ANP_FAST_CPU_VARIANT='avx9000': valid: v4, v3, baseline" in r.stderr

@@ -4,6 +4,7 @@ compiled library on the device it would serve is reported once, with what to do 
 from __future__ import annotations
 
 import importlib
+import os
 import warnings
 from typing import Optional
 
@@ -71,10 +72,37 @@ def _import(name: str):
         return None, exc
 
 
+# C++ CPU builds (setup.py), best first: x86-64-v4 (AVX-512), x86-64-v3 (AVX2, FMA), the portable baseline
+CPU_VARIANTS = (("v4", "anp_fast._cpu_kernels_v4", "AVX512"), ("v3", "anp_fast._cpu_kernels_v3", "AVX2"),
+                ("baseline", "anp_fast._cpu_kernels", None))
+cpu_variant: Optional[str] = None  # the one loaded
+
+
+def _cpu_runs(capability: Optional[str]) -> bool:
+    if capability is None:
+        return True
+    have = torch.backends.cpu.get_cpu_capability()  # "AVX512", "AVX2", "DEFAULT", ... (what ATen dispatches to)
+    return have == capability or (capability == "AVX2" and have == "AVX512")
+
+
 def cpp_kernels():
-    """(kernels, None) or (None, the reason they did not load)."""
-    module, err = _import("anp_fast._cpu_kernels")
-    return (_Extension(module, "cpu", _FLOAT_TYPES), None) if module is not None else (None, err)
+    """(kernels, None) or (None, the reason they did not load): the best C++ CPU build this CPU runs (runtime
+    dispatch over CPU_VARIANTS, as ATen does; ``ANP_FAST_CPU_VARIANT=v4|v3|baseline`` forces one)."""
+    global cpu_variant
+    forced = os.environ.get("ANP_FAST_CPU_VARIANT")
+    known = [v for v, _, _ in CPU_VARIANTS]
+    if forced and forced not in known:
+        raise ValueError(f"ANP_FAST_CPU_VARIANT={forced!r}: valid: {', '.join(known)}")
+    err = None
+    for variant, name, capability in CPU_VARIANTS:
+        if (forced and variant != forced) or (not forced and not _cpu_runs(capability)):
+            continue
+        module, why = _import(name)
+        if module is not None:
+            cpu_variant = variant
+            return _Extension(module, "cpu", _FLOAT_TYPES), None
+        err = err or why
+    return None, err
 
 
 def cuda_kernels():
