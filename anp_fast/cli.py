@@ -80,10 +80,11 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", default="anp_demo_out", help="output folder (default: %(default)s)")
     demo.add_argument("--iters", type=int, default=2000, help="ANP iterations (default: %(default)s, published)")
     demo.add_argument("--prune", default="auto",
-                      help="auto (default: the clean walk, see README: from the lowest mask up, prune each "
-                           "neuron that costs the clean data (held-out split + ANP's clean set) little, within "
-                           "--budget) | auto:most (the most neurons in mask order within --budget) | threshold:T | "
-                           "number:K | fraction:F")
+                      help="auto (default: the clean walk, see README: first the pre-activation suspects, then "
+                           "from the lowest mask up, prune each neuron that costs the clean data (held-out split + "
+                           "ANP's clean set) little, within --budget) | auto:masks (the walk on the masks alone) | "
+                           "auto:most (the most neurons in mask order within --budget) | threshold:T | number:K | "
+                           "fraction:F")
     demo.add_argument("--threshold", type=float, default=None,
                       help="prune masks <= this (the published fixed rule; same as --prune threshold:T)")
     demo.add_argument("--budget", type=float, default=2.0,
@@ -110,7 +111,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="part of the clean data held out to choose the pruning amount (default: %(default)s)")
     purify.add_argument("--prune", default="auto",
                         help="threshold:T | number:K | fraction:F | auto (default: %(default)s: the clean walk "
-                             "on the held-out split + the clean set, see README) | auto:most | auto:first")
+                             "with pre-activation evidence on the held-out split + the clean set, see README) | "
+                             "auto:masks | auto:most | auto:first")
     purify.add_argument("--budget", type=float, default=2.0,
                         help="auto pruning: largest drop of clean accuracy, in points (default: 2)")
     purify.add_argument("--trigger", default=None,
@@ -146,7 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_data_flags(prune_p, checkpoint=True)
     prune_p.add_argument("--masks", required=True, help="mask file (published ' \\t ' format)")
     prune_p.add_argument("--prune", default="threshold:0.2",
-                         help="threshold:T | number:K | fraction:F | auto[:walk|most|first]")
+                         help="threshold:T | number:K | fraction:F | auto[:walk|masks|most|first]")
     prune_p.add_argument("--budget", type=float, default=2.0, help="auto: clean accuracy drop allowed (points)")
     prune_p.add_argument("--trigger", default=None,
                          help="badnets | patch | blend | sig | wanet | published-badnets | published-4corner | "

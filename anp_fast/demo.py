@@ -96,9 +96,10 @@ def run_demo(out: str = "anp_demo_out", iters: int = 2000, prune_rule: str = "au
     if os.path.exists(partial):  # left by an earlier interrupted demo: this run supersedes it
         os.remove(partial)
     save_masks(result.masks, os.path.join(out, "masks.txt"))
+    choice = None
     if rule.get("auto"):
-        chosen = choose(model, result.masks, evaluate, budget_points=budget, mode=rule["mode"],
-                        progress=progress)["rule"]
+        choice = choose(model, result.masks, evaluate, budget_points=budget, mode=rule["mode"], progress=progress)
+        chosen = choice.pop("rule")
     else:
         chosen = rule
     purified = prune(model, result.masks, **chosen)
@@ -110,11 +111,12 @@ def run_demo(out: str = "anp_demo_out", iters: int = 2000, prune_rule: str = "au
     cut = _cut_value(result.masks, chosen)
     plot_masks_and_sweep(os.path.join(out, "anp_demo.png"), result.masks, rows, chosen=cut,
                          title=f"ANP on digits, {trigger} backdoor, {iters} iterations, {n_pruned} pruned "
-                               f"({_rule_text(chosen)})")
+                               f"({_rule_text(chosen, choice)})")
     summary = {
         "kind": "anp-fast demo", "plausibility": plausible,
         "normalization": {"name": "none", "mean": [0.0], "std": [1.0]},  # the demo's model sees pixels in [0, 1]
-        "before": before, "after": after, "prune": prune_rule, "chosen": chosen, "budget_points": budget,
+        "before": before, "after": after, "prune": prune_rule, "chosen": chosen, "choice": choice,
+        "budget_points": budget,
         "pruned_neurons": n_pruned, "neurons": result.num_neurons,
         "trigger": trigger, "target": target, "poison_rate": poison_rate, "poisoned": len(poisoned),
         "sizes": {"train": len(splits.train), "clean": len(splits.clean), "holdout": len(splits.holdout),
@@ -128,7 +130,7 @@ def run_demo(out: str = "anp_demo_out", iters: int = 2000, prune_rule: str = "au
     log("")
     log(table([["", "ACC %", "ASR %", "pruned"],
                ["before ANP", f"{100 * before['acc']:.1f}", f"{100 * before['asr']:.1f}", "0"],
-               [f"after ANP ({_rule_text(chosen)})", f"{100 * after['acc']:.1f}", f"{100 * after['asr']:.1f}",
+               [f"after ANP ({_rule_text(chosen, choice)})", f"{100 * after['acc']:.1f}", f"{100 * after['asr']:.1f}",
                 f"{n_pruned}/{result.num_neurons}"]]))
     log(f"\ntraining {train_s:.1f}s, ANP {result.timings['total_s']:.1f}s "
         f"({1000 * result.timings['per_iter_s']:.1f} ms/iteration), total {summary['timings_s']['total']:.1f}s")

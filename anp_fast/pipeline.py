@@ -100,7 +100,7 @@ def predictions(model: nn.Module, ds: Dataset, device, batch_size: int = 256, wo
 
 # ------------------------------------------------------------------------------------------------ options
 def parse_prune_rule(text: str) -> Dict:
-    """'threshold:T' | 'number:K' | 'fraction:F' | 'auto[:walk|most|first]' -> a dict for
+    """'threshold:T' | 'number:K' | 'fraction:F' | 'auto[:walk|masks|most|first]' -> a dict for
     pruning.select_pruned (or auto, with its selection mode: see selection.choose)."""
     from .selection import AUTO_MODES
 
@@ -129,7 +129,7 @@ def parse_prune_rule(text: str) -> Dict:
     except ValueError:
         pass
     raise ConfigError(f"--prune {text!r}: use threshold:T (e.g. threshold:0.2), number:K, fraction:F (0-1), auto "
-                      "or auto:MODE (walk, most, first)")
+                      "or auto:MODE (walk, masks, most, first)")
 
 
 def check_rule(rule: Dict, budget: float, holdout_fraction: float) -> None:
@@ -399,16 +399,17 @@ from .selection import THRESHOLDS, auto_number  # noqa: E402  (re-exported: the 
 
 
 def _pruning_sweep(model, masks, evaluator: Evaluator, rule: Dict, progress: bool = False):
-    """The sweep rows (threshold grid, every column) and the chosen rule."""
+    """The sweep rows (threshold grid, every column), the chosen rule and how it was chosen (the auto rule's
+    name and report, or None)."""
     from .selection import choose
 
     rows = sweep(model, masks, evaluator, thresholds=THRESHOLDS, progress=progress)
     if rule.get("auto"):
         if evaluator.holdout is None:
             raise ConfigError("--prune auto needs a held-out clean split (--holdout-fraction > 0)")
-        return rows, choose(model, masks, evaluator, rule["budget"], mode=rule.get("mode", "walk"),
-                            progress=progress)["rule"]
-    return rows, {k: v for k, v in rule.items() if k in ("threshold", "number", "fraction")}
+        choice = choose(model, masks, evaluator, rule["budget"], mode=rule.get("mode", "walk"), progress=progress)
+        return rows, choice.pop("rule"), choice
+    return rows, {k: v for k, v in rule.items() if k in ("threshold", "number", "fraction")}, None
 
 
 # ------------------------------------------------------------------------------------------------ purify
@@ -527,7 +528,7 @@ def run_purify(*, arch: str, checkpoint: str, data: str, out: str, config: ANPCo
         raise
     masks = result.masks
     save_masks(masks, os.path.join(out, "masks.txt"))
-    rows, chosen = _pruning_sweep(model, masks, evaluator, rule, progress)
+    rows, chosen, choice = _pruning_sweep(model, masks, evaluator, rule, progress)
     purified = prune(model, masks, **chosen)
     after = evaluator(purified)
     n_pruned = pruned_count(masks, **chosen)
@@ -537,12 +538,13 @@ def run_purify(*, arch: str, checkpoint: str, data: str, out: str, config: ANPCo
     cut = _cut_value(masks, chosen)
     plot_mask_histograms(os.path.join(out, "mask_histograms.png"), masks, cut,
                          title=f"ANP masks, {arch} on {splits.name}")
-    plot_pruning_sweep(os.path.join(out, "pruning_sweep.png"), rows, n_pruned, chosen_label=_rule_text(chosen),
+    plot_pruning_sweep(os.path.join(out, "pruning_sweep.png"), rows, n_pruned, chosen_label=_rule_text(chosen, choice),
                        extra={"pruned": n_pruned, **after}, title=f"pruning {arch} on {splits.name}")
     report = {
         "kind": "anp-fast purify", "arch": arch, "arch_args": arch_args or {}, "checkpoint": checkpoint,
         "data": data, "normalization": loaded.normalization.to_dict(), "plausibility": plausible, "sizes": {"clean": len(clean_idx), "holdout": len(holdout_idx), "test": len(splits.test)},
-        "trigger": trigger, "target": target, "prune": prune_rule, "chosen": chosen, "budget_points": budget,
+        "trigger": trigger, "target": target, "prune": prune_rule, "chosen": chosen, "choice": choice,
+        "budget_points": budget,
         "before": before, "after": after, "pruned_neurons": n_pruned, "neurons": result.num_neurons,
         "method": method, "method_info": result.info,
         "stop_rule": None if stop_rule is None else {"patience": stop_patience, "every": stop_every,
@@ -556,7 +558,7 @@ def run_purify(*, arch: str, checkpoint: str, data: str, out: str, config: ANPCo
         "outputs": list(PURIFY_OUTPUTS),
     }
     write_json(os.path.join(out, "report.json"), report)
-    log(f"after pruning {n_pruned}/{result.num_neurons} neurons ({_rule_text(chosen)}): " + _fmt(after))
+    log(f"after pruning {n_pruned}/{result.num_neurons} neurons ({_rule_text(chosen, choice)}): " + _fmt(after))
     log(f"wrote {', '.join(PURIFY_OUTPUTS)} to {out}")
     return report
 
@@ -579,10 +581,13 @@ def _fmt(row: Dict) -> str:
     return ", ".join(parts)
 
 
-def _rule_text(chosen: Dict) -> str:
+def _rule_text(chosen: Dict, choice: Optional[Dict] = None) -> str:
     (k, v), = chosen.items()
     if k == "neurons":
-        return f"clean walk, {sum(len(i) for i in v.values())} neurons"
+        found = (choice or {}).get("evidence") or {}
+        evidence = (f" ({found['suspects_pruned']} of {found['suspects']} pre-activation suspects)"
+                    if found.get("suspects") else "")
+        return f"clean walk, {sum(len(i) for i in v.values())} neurons{evidence}"
     return f"{k} {v:g}"
 
 
@@ -640,7 +645,7 @@ def run_prune(*, arch: str, checkpoint: str, masks_file: str, data: str, out: st
     model = loaded.model.to(dev)
     evaluator = Evaluator(dev, loaded.norm_test, holdout, triggered, target, clean=clean)
     plausible = check_plausible(model, loaded, dev, checkpoint, force, log)
-    rows, chosen = _pruning_sweep(model, masks, evaluator, rule, progress)
+    rows, chosen, choice = _pruning_sweep(model, masks, evaluator, rule, progress)
     pruned = prune(model, masks, **chosen)
     after = evaluator(pruned)
     make_out(out)
@@ -648,12 +653,12 @@ def run_prune(*, arch: str, checkpoint: str, masks_file: str, data: str, out: st
     write_csv(os.path.join(out, "sweep.csv"), rows)
     from .report import plot_pruning_sweep
     n_pruned = pruned_count(masks, **chosen)
-    plot_pruning_sweep(os.path.join(out, "pruning_sweep.png"), rows, n_pruned, chosen_label=_rule_text(chosen),
+    plot_pruning_sweep(os.path.join(out, "pruning_sweep.png"), rows, n_pruned, chosen_label=_rule_text(chosen, choice),
                        extra={"pruned": n_pruned, **after}, title=f"pruning {arch} on {splits.name}")
     report = {"kind": "anp-fast prune", "arch": arch, "checkpoint": checkpoint, "masks": masks_file, "data": data,
-              "normalization": loaded.normalization.to_dict(), "plausibility": plausible, "chosen": chosen, "after": after, "pruned_neurons": pruned_count(masks, **chosen)}
+              "normalization": loaded.normalization.to_dict(), "plausibility": plausible, "chosen": chosen, "choice": choice, "after": after, "pruned_neurons": pruned_count(masks, **chosen)}
     write_json(os.path.join(out, "prune_report.json"), report)
-    log(f"pruned {report['pruned_neurons']} neurons ({_rule_text(chosen)}; normalisation "
+    log(f"pruned {report['pruned_neurons']} neurons ({_rule_text(chosen, choice)}; normalisation "
         f"{loaded.normalization.describe()}): " + _fmt(after))
     return report
 

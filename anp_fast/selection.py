@@ -68,6 +68,7 @@ WALK_TAU = 0.002      # nats of mean clean cross-entropy one neuron may add and 
 WALK_FLOOR = 0.2      # masks below this (the published threshold) are pruned without the loss test
 WALK_PATIENCE = 20    # the walk ends after this many neurons in a row were kept
 WALK_MAX_FRACTION = 0.6  # ... or after the lowest 60% of the neurons (the demo's walks ended at 43-59%)
+SUSPECT_TAU = None     # loss rise a pre-activation suspect may cause (None: only the accuracy budget)
 
 
 def _clean_tensors(evaluator):
@@ -85,33 +86,45 @@ def _clean_tensors(evaluator):
 
 def walk(model: nn.Module, masks: Mapping[str, Tensor], evaluator, budget_points: float = 2.0,
          tau: float = WALK_TAU, floor: float = WALK_FLOOR, patience: int = WALK_PATIENCE,
-         max_fraction: float = WALK_MAX_FRACTION, progress: bool = False) -> Dict:
+         max_fraction: float = WALK_MAX_FRACTION, evidence: bool = True, suspect_tau: Optional[float] = SUSPECT_TAU,
+         progress: bool = False) -> Dict:
     """Which neurons to prune, from clean data only: walk the neurons from the lowest mask up and prune each
     one unless pruning it (on top of those already pruned) raises the mean clean cross-entropy by more than
     ``tau`` nats (tested only for masks >= ``floor``) or takes the clean accuracy more than ``budget_points``
     below the unpruned model's; such a neuron is kept and the walk goes on; it ends after ``patience``
-    consecutive kept neurons, or after the lowest ``max_fraction`` of all neurons. Clean data: the evaluator's
+    consecutive kept neurons, or after the lowest ``max_fraction`` of all neurons (0: no mask is walked). Clean
+    data: the evaluator's
     held-out split and the method's clean set together.
+
+    ``evidence``: before the masks, walk the pre-activation suspects (:func:`anp_fast.evidence.suspects`:
+    BatchNorm channels whose clean statistics lie far from the checkpoint's running statistics), strongest
+    first, each pruned unless it raises the clean loss by more than ``suspect_tau`` (None: no loss test) or
+    breaks the budget.
 
     Why: pruning in mask order alone is a single cut; on the demo's models, the neurons that carry the
     backdoor and the low-mask neurons that carry clean accuracy interleave, and for 2 of 4 seeds no cut gave
-    ASR <= 5% within 2 points of ACC (not even the oracle's); the walk keeps the latter. Cost: one forward
-    over the clean data per neuron walked (on the demo about 650 of 1,200 neurons, 45-65 s on one core);
-    for models with many thousand neurons ``auto:most`` is the cheap choice.
-    Returns ``{"neurons": {layer: [index, ...]}}`` for :func:`anp_fast.pruning.prune`."""
+    ASR <= 5% within 2 points of ACC (not even the oracle's); the walk keeps the latter. Some draws keep part
+    of the backdoor in neurons ANP leaves at mask 1 (early trigger detectors); the pre-activation evidence
+    names them. Cost: one forward over the clean data per neuron walked (on the demo about 650 of 1,200
+    neurons, 45-65 s on one core); for models with many thousand neurons ``auto:most`` is the cheap choice.
+    Returns the rule ``{"neurons": {layer: [index, ...]}}`` for :func:`anp_fast.pruning.prune` and a report
+    ``{"suspects": found, "suspects_pruned": pruned}``."""
+    from .evidence import suspects as find_suspects
     from .pruning import _check_layers, _flat, scale_rows
     import torch.nn.functional as F
 
-    if not (tau >= 0 and isinstance(patience, int) and patience >= 1 and 0 < max_fraction <= 1):
+    if not (tau >= 0 and isinstance(patience, int) and patience >= 1 and 0 <= max_fraction <= 1
+            and (suspect_tau is None or suspect_tau >= 0)):
         from .errors import ConfigError
 
-        raise ConfigError(f"walk: tau={tau} must be >= 0, patience={patience} an integer >= 1 and "
-                          f"max_fraction={max_fraction} in (0, 1]")
+        raise ConfigError(f"walk: tau={tau} and suspect_tau={suspect_tau} must be >= 0, patience={patience} an "
+                          f"integer >= 1 and max_fraction={max_fraction} in [0, 1]")
     x, y = _clean_tensors(evaluator)
     device = getattr(evaluator, "device", torch.device("cpu"))
     found = _check_layers(model, masks)
     flat, spans = _flat(masks)
     owner = [(name, i) for name, _, size in spans for i in range(size)]
+    offset = {name: start for name, start, _ in spans}
     work = __import__("copy").deepcopy(model).eval()
     modules = dict(work.named_modules())
     scales = {name: scale_rows(modules[name]) for name in found}  # row i: neuron i's scale
@@ -122,46 +135,74 @@ def walk(model: nn.Module, masks: Mapping[str, Tensor], evaluator, budget_points
         return float(F.cross_entropy(out, y)), float((out.argmax(1) == y).float().mean())
 
     base_loss, base_acc = clean_eval()
-    prev, kept_in_row = base_loss, 0
-    chosen: Dict[str, List[int]] = {name: [] for name, _, _ in spans}
-    order = torch.sort(flat, stable=True).indices.tolist()[:max(1, int(max_fraction * len(owner)))]
-    bar = None
-    if progress:
-        from .progress import progress_bar
+    prev = base_loss
+    chosen = set()
 
-        bar = progress_bar(len(order), "choosing neurons (clean walk)", unit="neuron")
-    for j in order:
+    def attempt(j: int, limit: Optional[float]) -> bool:
+        """Prune neuron j unless it raises the loss by more than ``limit`` or breaks the budget."""
+        nonlocal prev
         name, i = owner[j]
         w = scales[name]
         with torch.no_grad():
             saved = w[i].clone()
             w[i] = 0
         loss, acc = clean_eval()
-        if bar is not None:
-            bar.update(1)
-        if (float(flat[j]) >= floor and loss - prev > tau) or 100 * (base_acc - acc) > budget_points + 1e-9:
+        if (limit is not None and loss - prev > limit) or 100 * (base_acc - acc) > budget_points + 1e-9:
             with torch.no_grad():
                 w[i] = saved
+            return False
+        chosen.add(j)
+        prev = loss
+        return True
+
+    found_suspects = find_suspects(work, masks, x, device=device) if evidence else []
+    walked = max(1, int(max_fraction * len(owner))) if max_fraction > 0 else 0  # 0: the suspects alone
+    order = torch.sort(flat, stable=True).indices.tolist()[:walked]
+    bar = None
+    if progress:
+        from .progress import progress_bar
+
+        bar = progress_bar(len(found_suspects) + len(order), "choosing neurons (clean walk)", unit="neuron")
+    suspects_pruned = sum(attempt(offset[name] + i, suspect_tau) for name, i, _ in found_suspects)
+    if bar is not None:
+        bar.update(len(found_suspects))
+    kept_in_row = 0
+    for j in order:
+        if bar is not None:
+            bar.update(1)
+        if j in chosen:
+            continue
+        if attempt(j, tau if float(flat[j]) >= floor else None):
+            kept_in_row = 0
+        else:
             kept_in_row += 1
             if kept_in_row >= patience:
                 break
-        else:
-            chosen[name].append(i)
-            prev, kept_in_row = loss, 0
     if bar is not None:
         bar.close()
-    return {"neurons": {name: idx for name, idx in chosen.items() if idx}}
+    neurons: Dict[str, List[int]] = {}
+    for j in sorted(chosen):
+        name, i = owner[j]
+        neurons.setdefault(name, []).append(i)
+    return {"neurons": neurons}, {"suspects": len(found_suspects), "suspects_pruned": suspects_pruned}
 
 
-AUTO_MODES = ("walk", "most", "first")
+AUTO_MODES = ("walk", "masks", "evidence", "most", "first")
+_WALKS = {"walk": ("clean-walk+evidence", dict(evidence=True)), "masks": ("clean-walk", dict(evidence=False)),
+          "evidence": ("evidence-walk", dict(evidence=True, max_fraction=0.0))}
 
 
 def choose(model: nn.Module, masks: Mapping[str, Tensor], evaluator, budget_points: float = 2.0,
            mode: str = "walk", progress: bool = False) -> Dict:
-    """The oracle-free pruning choice: ``{"rule": {...}, "name": ...}``; ``mode`` ``walk`` (default: see
-    :func:`walk`) or ``most``/``first`` (a number in mask order: :func:`auto_number`)."""
-    if mode == "walk":
-        return {"rule": walk(model, masks, evaluator, budget_points, progress=progress), "name": "clean-walk"}
+    """The oracle-free pruning choice: ``{"rule": {...}, "name": ...}`` (and ``"evidence"``, the walk's
+    report); ``mode`` ``walk`` (default: the clean walk with pre-activation evidence, see :func:`walk`),
+    ``masks`` (the walk on the masks alone), ``evidence`` (the pre-activation suspects alone: the masks are not
+    read; a reference for what the masks add) or ``most``/``first`` (a number in mask order:
+    :func:`auto_number`)."""
+    if mode in _WALKS:
+        name, options = _WALKS[mode]
+        rule, report = walk(model, masks, evaluator, budget_points, progress=progress, **options)
+        return {"rule": rule, "name": name, "evidence": report}
     return {"rule": auto_number(model, masks, evaluator, budget_points, mode=mode), "name": f"holdout-{mode}"}
 
 

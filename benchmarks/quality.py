@@ -46,6 +46,8 @@ def attack_spec(data: str, attack: str) -> str:
 DATASETS = ("digits-cifar", "mnist5k")
 TARGET = 0
 ORACLE_ACC_DROP = 0.02
+# --prune auto (the walk with pre-activation evidence), then the walk on the masks alone and the evidence alone
+REFERENCE_RULES = ("walk", "masks", "evidence")
 
 
 @dataclass(frozen=True)
@@ -205,13 +207,19 @@ def eval_stage(cell: Cell, method: str, s: Settings, log, force: bool = False) -
     else:
         rows = dense_sweep(model, masks, evaluator, step=s.dense_step)
         _write_json(dense_path, rows)
-    chosen = selection.choose(model, masks, evaluator, budget_points=s.budget)
-    after = evaluator(prune(model, masks, **chosen["rule"]))
-    n = pruned_count(masks, **chosen["rule"])
+    outcomes = {}
+    for mode in REFERENCE_RULES:  # the default rule first, then each signal alone (a reference)
+        picked = selection.choose(model, masks, evaluator, budget_points=s.budget, mode=mode)
+        outcomes[mode] = {"name": picked["name"], "evidence": picked.get("evidence"),
+                          "pruned": pruned_count(masks, **picked["rule"]),
+                          "after": evaluator(prune(model, masks, **picked["rule"]))}
+        if mode == "walk":
+            chosen = picked
+    after, n = outcomes["walk"]["after"], outcomes["walk"]["pruned"]
     snaps = torch.load(os.path.join(folder, "snapshots.pt"), weights_only=True)
     stop = selection.simulate_stop(model, masks, snaps, evaluator, budget_points=s.budget) if method == "anp" else None
     result = {"cell": cell.key, "data": cell.data, "attack": cell.attack, "rate": cell.rate, "seed": cell.seed,
-              "method": method, "before": before, "after": after, "pruned": n, "chosen": chosen,
+              "method": method, "before": before, "after": after, "pruned": n, "chosen": chosen, "rules": outcomes,
               "oracle": _oracle(rows, before), "neurons": sum(int(m.numel()) for m in masks.values()),
               "learn": _read_json(os.path.join(folder, "learn.json")), "stop": stop}
     _write_json(out, result)
@@ -269,6 +277,11 @@ def summarise(results: List[Dict]) -> List[Dict]:
             "oracle_acc_median": statistics.median(r["oracle"]["acc"] for r in rs),
             "worst_seed": worst["seed"],
         })
+        for mode in REFERENCE_RULES[1:]:  # each signal alone: worst seed
+            outs = [r["rules"][mode] for r in rs if mode in r.get("rules", {})]
+            if len(outs) == len(rs):
+                rows[-1][f"{mode}_asr_worst"] = max(o["after"].get("asr", float("nan")) for o in outs)
+                rows[-1][f"{mode}_drop_worst"] = max(r["before"]["acc"] - o["after"]["acc"] for r, o in zip(rs, outs))
     return rows
 
 
@@ -292,12 +305,15 @@ def write_report(results: List[Dict], out: str) -> List[Dict]:
     _write_json(os.path.join(out, "cells.json"), results)
     write_csv(os.path.join(out, "quality.csv"), rows)
     lines = ["| data | attack | rate | method | seeds | ACC/ASR before | ACC/ASR after (median) | worst seed: ASR, "
-             "ACC drop | pruned | oracle ACC/ASR (reference) | bar |", "|" + "---|" * 11]
+             "ACC drop | pruned | masks alone: worst ASR, drop | evidence alone: worst ASR, drop | oracle ACC/ASR "
+             "(reference) | bar |", "|" + "---|" * 13]
     for r in rows:
         bar = {True: "met", False: "MISSED", None: "as is"}[r["passes"]]
         lines.append(f"| {r['data']} | {r['attack']} | {r['rate']:g} | {r['method']} | {r['seeds']} | "
                      f"{_pct(r['acc_before'])}/{_pct(r['asr_before'])} | {_pct(r['acc_after'])}/{_pct(r['asr_after'])} | "
                      f"{_pct(r['asr_after_worst'])}, {100 * r['acc_drop_worst']:.1f} | {r['pruned_median']:g} | "
+                     + "".join(f"{_pct(r.get(m + '_asr_worst'))}, {_pct(r.get(m + '_drop_worst'))} | "
+                               for m in REFERENCE_RULES[1:]) +
                      f"{_pct(r['oracle_acc_median'])}/{_pct(r['oracle_asr_median'])} | {bar} |")
     with open(os.path.join(out, "quality.md"), "w") as f:
         f.write("\n".join(lines) + "\n")

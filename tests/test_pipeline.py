@@ -276,13 +276,13 @@ def test_clean_walk_keeps_costly_neurons_and_goes_on():
     before = {k: v.clone() for k, v in model.state_dict().items()}
     # 0 pruned; 1 pruned unconditionally (mask < floor 0.2); 2 kept (loss up); 3 pruned; 4, 5 kept -> stop
     full = dict(max_fraction=1.0)
-    assert walk(model, masks, evaluator, 2.0, tau=1e-6, patience=2, **full) == {"neurons": {"1": [0, 1, 3]}}
-    assert walk(model, masks, evaluator, 2.0, tau=1e-6, patience=1, **full) == {"neurons": {"1": [0, 1]}}
-    assert walk(model, masks, evaluator, 2.0, tau=1e-6, floor=0.0, patience=9, **full) == {"neurons": {"1": [0, 3]}}
+    assert walk(model, masks, evaluator, 2.0, tau=1e-6, patience=2, **full)[0] == {"neurons": {"1": [0, 1, 3]}}
+    assert walk(model, masks, evaluator, 2.0, tau=1e-6, patience=1, **full)[0] == {"neurons": {"1": [0, 1]}}
+    assert walk(model, masks, evaluator, 2.0, tau=1e-6, floor=0.0, patience=9, **full)[0] == {"neurons": {"1": [0, 3]}}
     # the walk covers the lowest 60% of the neurons by default: 0, 1, 2 here
-    assert walk(model, masks, evaluator, 2.0, tau=1e-6, patience=9) == {"neurons": {"1": [0, 1]}}
+    assert walk(model, masks, evaluator, 2.0, tau=1e-6, patience=9)[0] == {"neurons": {"1": [0, 1]}}
     # a loose tau prunes everything the accuracy budget allows: the last read channel is kept (accuracy 0.5)
-    assert walk(model, masks, evaluator, 2.0, tau=10.0, patience=9, **full) == {"neurons": {"1": [0, 1, 2, 3, 4]}}
+    assert walk(model, masks, evaluator, 2.0, tau=10.0, patience=9, **full)[0] == {"neurons": {"1": [0, 1, 2, 3, 4]}}
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())  # the model is untouched
     rule = choose(model, masks, evaluator, 2.0)["rule"]
     pruned = prune(model, masks, **rule)

@@ -22,6 +22,8 @@ def test_tiny_matrix_runs_resumes_and_reports(tmp_path, capsys):
     for c in cells:
         assert set(c["before"]) >= {"acc", "asr", "holdout_acc"} and 0 <= c["pruned"] <= c["neurons"]
         assert c["oracle"]["number"] >= 0  # a reference only: never what is pruned
+        assert set(c["rules"]) == {"walk", "masks", "evidence"} and c["rules"]["walk"]["after"] == c["after"]
+        assert c["rules"]["evidence"]["pruned"] <= c["rules"]["evidence"]["evidence"]["suspects"]
         if c["method"] == "anp":
             assert c["stop"]["iters"] == 4 and len(c["stop"]["checks"]) >= 1
     attack = json.loads((work / "digits-cifar" / "sig@0.1" / "s0" / "attack.json").read_text())
@@ -33,6 +35,7 @@ def test_tiny_matrix_runs_resumes_and_reports(tmp_path, capsys):
     assert (report / "quality.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     rows = (report / "quality.csv").read_text().splitlines()
     assert rows[0].startswith("data,attack,rate,method,seeds") and len(rows) == 7
+    assert "masks_asr_worst" in rows[0] and "evidence_drop_worst" in rows[0]
     # a second run finds every stage done: nothing is trained or learned again
     stamps = {p: os.path.getmtime(p) for p in work.rglob("*") if p.name in ("backdoored.safetensors", "masks.txt",
                                                                             "eval.json")}
@@ -56,8 +59,12 @@ def test_summary_takes_median_and_worst_seed():
     def result(seed, acc_after, asr_after):
         return {"data": "d", "attack": "badnets", "rate": 0.1, "method": "anp", "seed": seed, "pruned": 10 + seed,
                 "before": {"acc": 0.99, "asr": 1.0}, "after": {"acc": acc_after, "asr": asr_after},
-                "oracle": {"acc": 0.98, "asr": 0.0}}
+                "oracle": {"acc": 0.98, "asr": 0.0},
+                "rules": {"masks": {"after": {"acc": acc_after - 0.01, "asr": 2 * asr_after}},
+                          "evidence": {"after": {"acc": 0.99, "asr": 0.5 + seed / 10}}}}
     (row,) = quality.summarise([result(0, 0.98, 0.0), result(1, 0.96, 0.2), result(2, 0.985, 0.01)])
     assert row["seeds"] == 3 and row["worst_seed"] == 1
     assert row["asr_after_worst"] == 0.2 and row["asr_after"] == 0.01
     assert row["acc_drop_worst"] == pytest.approx(0.03) and row["acc_drop_median"] == pytest.approx(0.01)
+    assert row["masks_asr_worst"] == 0.4 and row["masks_drop_worst"] == pytest.approx(0.04)
+    assert row["evidence_asr_worst"] == pytest.approx(0.7) and row["evidence_drop_worst"] == 0.0
