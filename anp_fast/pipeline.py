@@ -587,6 +587,8 @@ def _rule_text(chosen: Dict, choice: Optional[Dict] = None) -> str:
         found = (choice or {}).get("evidence") or {}
         evidence = (f" ({found['suspects_pruned']} of {found['suspects']} pre-activation suspects)"
                     if found.get("suspects") else "")
+        if found.get("verified") and found.get("kept", 0) < found.get("walked", 0):
+            evidence += f", {found['walked'] - found['kept']} undone by the held-out check"
         return f"clean walk, {sum(len(i) for i in v.values())} neurons{evidence}"
     return f"{k} {v:g}"
 

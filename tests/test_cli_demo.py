@@ -32,6 +32,9 @@ def test_demo_purifies_at_one_and_two_threads(tmp_path):
         assert summary["after"]["asr"] <= 0.05, (threads, summary["after"], summary["chosen"])
         assert summary["before"]["acc"] - summary["after"]["acc"] <= 0.02, (threads, summary["after"])
         assert summary["prune"] == "auto" and "neurons" in summary["chosen"]
+        choice = summary["choice"]  # the default: the walk with pre-activation evidence, checked on held-out data
+        assert choice["name"] == "clean-walk+evidence" and choice["evidence"]["verified"], choice
+        assert choice["evidence"]["kept"] == summary["pruned_neurons"], (choice, summary["pruned_neurons"])
         assert summary["plausibility"]["ok"], summary["plausibility"]  # the check passes a real model
         assert summary["sizes"]["holdout"] > 0
         for name in ("masks.txt", "summary.json", "sweep.csv", "anp_demo.png", "purified.pt", "backdoored.pt"):

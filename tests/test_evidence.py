@@ -96,7 +96,7 @@ def _suspect_problem():
 def test_walk_prunes_the_suspects_the_masks_miss_within_the_budget():
     net, masks, evaluator = _suspect_problem()
     plain, report = walk(net, masks, evaluator, 2.0, evidence=False, patience=1)
-    assert report == {"suspects": 0, "suspects_pruned": 0}
+    assert report == {"suspects": 0, "suspects_pruned": 0, "walked": 0, "verified": True, "kept": 0}
     assert plain == {"neurons": {}}  # the first mask-order neuron is read: kept, and the walk stops
     rule, report = walk(net, masks, evaluator, 2.0, patience=1)  # evidence on by default
     assert report["suspects"] == 2 and rule == {"neurons": {"1": [3, 20]}}
@@ -106,7 +106,9 @@ def test_walk_prunes_the_suspects_the_masks_miss_within_the_budget():
     # without a loss test the read channel 3 went above: accuracy held (the other read channels keep the margin)
     chosen = choose(net, masks, evaluator, 2.0)
     assert chosen["name"] == "clean-walk+evidence" and chosen["rule"] == walk(net, masks, evaluator, 2.0)[0]
-    assert chosen["evidence"] == {"suspects": 2, "suspects_pruned": 2}
+    found = chosen["evidence"]
+    assert found["suspects"] == 2 and found["suspects_pruned"] == 2 and found["verified"]
+    assert found["kept"] == found["walked"] == sum(len(v) for v in chosen["rule"]["neurons"].values())
     assert choose(net, masks, evaluator, 2.0, mode="masks")["name"] == "clean-walk"
     alone = choose(net, masks, evaluator, 2.0, mode="evidence")  # the suspects only: no mask is walked
     assert alone["name"] == "evidence-walk" and alone["rule"] == {"neurons": {"1": [3, 20]}}

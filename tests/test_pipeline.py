@@ -291,6 +291,42 @@ def test_clean_walk_keeps_costly_neurons_and_goes_on():
         walk(model, masks, evaluator, 2.0, patience=0)
 
 
+def test_clean_walk_is_checked_on_the_held_out_split_and_backs_off():
+    """The walk decides on the method's clean set alone; the held-out split, which no decision saw, catches a
+    pruning that costs accuracy there and the walk keeps the longest prefix of its prunings within budget.
+    Channel 3 reads input b, which is 0 in the clean set (pruning it is free there) and carries the class in
+    the held-out split (pruning it costs 50 points there)."""
+    from torch.utils.data import TensorDataset
+
+    from anp_fast.pipeline import Evaluator
+    from anp_fast.selection import walk
+
+    model = torch.nn.Sequential(torch.nn.Conv2d(2, 6, 1, bias=False), torch.nn.BatchNorm2d(6),
+                                torch.nn.Flatten(), torch.nn.Linear(6, 2, bias=False))
+    with torch.no_grad():
+        model[0].weight.zero_()
+        model[0].weight[:, 0] = 1.0
+        model[0].weight[3] = torch.tensor([0.0, 1.0]).view(2, 1, 1)
+        reads = torch.tensor([0.0, 1, 1, 3, 1, 1])
+        model[3].weight.copy_(torch.stack([-reads, reads]))
+    model.eval()
+    y = torch.arange(40) % 2
+    sign = (2.0 * y - 1).float()
+    clean = TensorDataset(torch.stack([sign, 0 * sign], 1).view(-1, 2, 1, 1), y)
+    holdout = TensorDataset(torch.stack([0 * sign, sign], 1).view(-1, 2, 1, 1), y)
+    evaluator = Evaluator(torch.device("cpu"), holdout, holdout, None, None, clean=clean)
+    masks = {"1": torch.tensor([0.05, 0.1, 0.3, 0.15, 0.5, 0.6])}  # walk order 0, 1, 3, 2, 4, 5
+    options = dict(tau=1e-6, patience=2, max_fraction=1.0, evidence=False)
+    rule, report = walk(model, masks, evaluator, 2.0, **options)
+    assert rule == {"neurons": {"1": [0, 1]}}
+    assert report["verified"] and report["walked"] == 3 and report["kept"] == 2
+    rule, report = walk(model, masks, evaluator, 60.0, **options)  # 50 points are within this budget
+    assert rule == {"neurons": {"1": [0, 1, 3]}} and report["kept"] == 3
+    # unverified, all clean data decides: pruning 3 costs 25 points of the pooled data and is refused
+    rule, report = walk(model, masks, evaluator, 2.0, verify=False, **options)
+    assert rule == {"neurons": {"1": [0, 1]}} and not report["verified"] and report["walked"] == 2
+
+
 # Mistakes found by probing the CLI: each refused up front, in one line, before anything is written or run.
 @pytest.mark.parametrize("extra,message", [
     (["--prune", "number:4000"], "--prune number:4000: the model has"),
