@@ -81,8 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--iters", type=int, default=2000, help="ANP iterations (default: %(default)s, published)")
     demo.add_argument("--prune", default="auto",
                       help="auto (default: the clean walk, see README: first the pre-activation suspects, then "
-                           "from the lowest mask up, prune each neuron that costs the clean data (held-out split + "
-                           "ANP's clean set) little, within --budget) | auto:masks (the walk on the masks alone) | "
+                           "from the lowest mask up, prune each neuron that costs ANP's clean set little, within --budget; "
+                           "then checked on the held-out split) | auto:masks (the walk on the masks alone) | "
                            "auto:most (the most neurons in mask order within --budget) | threshold:T | number:K | "
                            "fraction:F")
     demo.add_argument("--threshold", type=float, default=None,
@@ -108,10 +108,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="fraction of the training split used as clean data (default 0.01)")
     purify.add_argument("--clean-count", type=int, default=None, help="number of clean images instead")
     purify.add_argument("--holdout-fraction", type=float, default=0.2,
-                        help="part of the clean data held out to choose the pruning amount (default: %(default)s)")
+                        help="part of the clean data held out to check the pruning choice (default: %(default)s)")
     purify.add_argument("--prune", default="auto",
                         help="threshold:T | number:K | fraction:F | auto (default: %(default)s: the clean walk "
-                             "with pre-activation evidence on the held-out split + the clean set, see README) | "
+                             "with pre-activation evidence on the clean set, checked on the held-out split, see README) | "
                              "auto:masks | auto:most | auto:first")
     purify.add_argument("--budget", type=float, default=2.0,
                         help="auto pruning: largest drop of clean accuracy, in points (default: 2)")

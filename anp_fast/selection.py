@@ -102,8 +102,7 @@ def walk(model: nn.Module, masks: Mapping[str, Tensor], evaluator, budget_points
     ``tau`` nats (tested only for masks >= ``floor``) or takes the clean accuracy more than ``budget_points``
     below the unpruned model's; such a neuron is kept and the walk goes on; it ends after ``patience``
     consecutive kept neurons, or after the lowest ``max_fraction`` of all neurons (0: no mask is walked). Clean
-    data: the evaluator's
-    held-out split and the method's clean set together.
+    data: the method's clean set (``evaluator.clean``) decides and the held-out split checks (``verify``).
 
     ``evidence``: before the masks, walk the pre-activation suspects (:func:`anp_fast.evidence.suspects`:
     BatchNorm channels whose clean statistics lie far from the checkpoint's running statistics), strongest
