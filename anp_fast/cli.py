@@ -189,6 +189,8 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("dir")
     export.add_argument("--seed", type=int, default=0, help="seed of the train/test split")
     # its flags live with the benchmark package (which imports torch): `anp-fast bench ...` is handed to it
+    sub.add_parser("doctor", help="versions, built backends, and a check of each compiled kernel against the "
+                                  "eager op on this machine (exit 1 if ANP_FAST_BACKEND names an unusable one)")
     sub.add_parser("bench", help="time ANP iterations: the eager published loop against the engine "
                                  "(anp-fast bench --help: its options)", add_help=False)
     return parser
@@ -410,6 +412,12 @@ def parse(argv: Optional[List[str]]):
     return parser, args
 
 
+def _doctor(args) -> int:
+    from .doctor import main as doctor_main
+
+    return doctor_main()
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     global _CURRENT_ARGV
     _CURRENT_ARGV = list(argv) if argv is not None else None
@@ -421,7 +429,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         parser.print_help()
         return 2
     commands = {"demo": _demo, "purify": _purify, "prune": _prune, "attack": _attack,
-                "export-digits": _export_digits}
+                "export-digits": _export_digits, "doctor": _doctor}
     if getattr(args, "keep_freed_memory", False):
         from .cpu_memory import keep_freed_memory
 

@@ -69,7 +69,7 @@ def run_demo(out: str = "anp_demo_out", iters: int = 2000, prune_rule: str = "au
     x_train, y_train, poisoned = poison(splits.train.x, splits.train.y, trig, target, poison_rate, seed=seed)
     x_asr, y_asr = triggered_test_set(splits.test.x, splits.test.y, trig, target)
     log(f"digits: {len(splits.train)} train ({len(poisoned)} poisoned with {trigger}, target {target}), "
-        f"{len(splits.clean)} clean for ANP, {len(splits.holdout)} held out to choose the pruning amount, "
+        f"{len(splits.clean)} clean for ANP, {len(splits.holdout)} held out to check the pruning choice, "
         f"{len(splits.test)} test")
 
     model = resnet18(num_classes=10, in_channels=1, width=width)

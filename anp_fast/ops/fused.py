@@ -17,7 +17,7 @@ from typing import Callable, Optional, Tuple
 import torch
 from torch import Tensor
 
-from . import eager
+from . import eager, verify
 
 
 def _stats_like(a: Tensor) -> Tensor:
@@ -75,6 +75,11 @@ def define_batch_norm(backend: str, kernels) -> Tuple[Callable, object, object]:
                              momentum: float, eps: float, residual: Optional[Tensor] = None,
                              relu: bool = False) -> Tensor:
         if not kernels.supports(x) or (residual is not None and residual.dtype != x.dtype):
+            return eager.perturbed_batch_norm(x, scale, shift, coef_w, coef_b, running_mean, running_var, training,
+                                              momentum, eps, residual=residual, relu=relu)
+        if not torch.compiler.is_compiling() and not verify.usable(
+                "perturbed_batch_norm", backend, sig := verify.batch_norm_signature(x, residual, relu, training),
+                lambda: verify.batch_norm_check(perturbed_batch_norm, sig, x.device)()):
             return eager.perturbed_batch_norm(x, scale, shift, coef_w, coef_b, running_mean, running_var, training,
                                               momentum, eps, residual=residual, relu=relu)
         groups, channels = coef_w.shape
@@ -151,6 +156,10 @@ def define_layer_norm(backend: str, kernels) -> Tuple[Callable, object, object]:
             features *= s
         groups = coef_w.shape[0]
         if not kernels.supports(x, features) or x.shape[0] % groups:
+            return eager.perturbed_layer_norm(x, normalized_shape, scale, shift, coef_w, coef_b, eps)
+        if not torch.compiler.is_compiling() and not verify.usable(
+                "perturbed_layer_norm", backend, sig := verify.layer_norm_signature(x),
+                lambda: verify.layer_norm_check(perturbed_layer_norm, sig, features, x.device)()):
             return eager.perturbed_layer_norm(x, normalized_shape, scale, shift, coef_w, coef_b, eps)
         a = scale.reshape(-1).to(torch.float32) * coef_w if scale is not None else coef_w.to(torch.float32)
         b = shift.reshape(-1).to(torch.float32) * coef_b if shift is not None else torch.zeros_like(a)
