@@ -32,6 +32,8 @@ from anp_fast import ops
 print("torch", torch.__version__, "| device", torch.cuda.get_device_name(), "| batch-norm backends on cuda:",
       ops.backends("perturbed_batch_norm", "cuda"))
 EOF
+  # every compiled kernel against the eager op on this GPU (a failing one is disabled in every run anyway)
+  $PY -m anp_fast.cli doctor | tee "$out/doctor.txt"
 }
 
 case "$stage" in
