@@ -76,6 +76,7 @@ class Settings:
     snapshot_every: int = 100
     threads: int = 1
     budget: float = 2.0
+    rules: tuple = REFERENCE_RULES  # the default rule ("walk") first, then the references to measure too
     dense_step: int = 2
 
     def data_spec(self, data: str) -> str:
@@ -208,7 +209,7 @@ def eval_stage(cell: Cell, method: str, s: Settings, log, force: bool = False) -
         rows = dense_sweep(model, masks, evaluator, step=s.dense_step)
         _write_json(dense_path, rows)
     outcomes = {}
-    for mode in REFERENCE_RULES:  # the default rule first, then each signal alone (a reference)
+    for mode in s.rules:  # the default rule first, then each signal alone (a reference)
         picked = selection.choose(model, masks, evaluator, budget_points=s.budget, mode=mode)
         outcomes[mode] = {"name": picked["name"], "evidence": picked.get("evidence"),
                           "pruned": pruned_count(masks, **picked["rule"]),
@@ -375,13 +376,20 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--clean-count", type=int, default=500, help="clean images per cell (a fifth held out)")
     p.add_argument("--snapshot-every", type=int, default=100, help="iterations between kept masks")
     p.add_argument("--dense-step", type=int, default=2, help="pruning counts between rows of the analysis sweep")
+    p.add_argument("--rules", default=",".join(REFERENCE_RULES),
+                   help="rules the evaluation measures: walk (the default rule, always) and any of masks (the walk "
+                        "on the masks alone), evidence (the suspects alone)")
     p.add_argument("--no-eval", action="store_true", help="train and learn masks only")
     p.add_argument("--force-eval", action="store_true", help="re-run the evaluation stage (a new rule)")
     p.add_argument("--report", default=None, help="write the table, CSV and plot of the finished cells here")
     args = p.parse_args(argv)
     s = Settings(work=os.path.abspath(args.work), iters=args.iters, epochs=args.epochs, precision=args.precision,
                  rnp_precision=args.rnp_precision, threads=args.threads, width=args.width,
-                 clean_count=args.clean_count, snapshot_every=args.snapshot_every, dense_step=args.dense_step)
+                 clean_count=args.clean_count, snapshot_every=args.snapshot_every, dense_step=args.dense_step,
+                 rules=("walk",) + tuple(r for r in _csv(args.rules) if r != "walk"))
+    if set(s.rules) - set(REFERENCE_RULES):
+        p.error(f"--rules: unknown {', '.join(sorted(set(s.rules) - set(REFERENCE_RULES)))}; valid: "
+                f"{', '.join(REFERENCE_RULES)}")
     datas, attacks = _csv(args.data), _csv(args.attacks)
     unknown = [d for d in datas if d not in DATASETS] + [a for a in attacks if a not in ATTACKS]
     if unknown:
