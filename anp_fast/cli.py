@@ -7,7 +7,7 @@ import sys
 from typing import List, Optional
 
 from . import __version__
-from .config import LAYER_POLICIES, PRECISIONS, TRAIN_MODES, ANPConfig
+from .config import RUN, ANPConfig
 from .errors import Interrupted
 from .errors import ANPError
 
@@ -24,48 +24,38 @@ class _HelpFormatter(argparse.HelpFormatter):
 
 
 def _add_config_flags(p: argparse.ArgumentParser, skip=("iters", "seed")) -> None:
-    d = ANPConfig()
+    """A flag for every ANPConfig field (but ``skip``), generated from the dataclass: type, default, choices and
+    help (from its docstring); a new field appears here with no second list."""
+    import dataclasses
+
+    from .config import FAST_PATH_FIELDS, FIELD_CHOICES, field_help
+
+    helps = field_help(ANPConfig)
     g = p.add_argument_group("ANP options (defaults are the published ones)")
-    if "iters" not in skip:
-        g.add_argument("--iters", type=int, default=d.iters, help="ANP iterations (default: %(default)s)")
-    if "seed" not in skip:
-        g.add_argument("--seed", type=int, default=d.seed, help="seed of the noise and data draws")
-    g.add_argument("--eps", type=float, default=d.eps, help="neuron perturbation bound")
-    g.add_argument("--steps", type=int, default=d.steps, help="adversarial steps per iteration")
-    g.add_argument("--alpha", type=float, default=d.alpha, help="weight of the clean loss")
-    g.add_argument("--lr", type=float, default=d.lr, help="mask learning rate")
-    g.add_argument("--momentum", type=float, default=d.momentum, help="mask SGD momentum")
-    g.add_argument("--batch-size", type=int, default=d.batch_size, help="clean batch size")
-    g.add_argument("--project-noise", action="store_true", help="clamp the noise to [-eps, eps] (paper)")
-    g.add_argument("--layers", choices=LAYER_POLICIES, default=d.layers, help="what to perturb")
-    g.add_argument("--train-mode", choices=TRAIN_MODES, default=d.train_mode,
-                   help="'all': whole model in train mode (published); 'norms': only the norm layers")
-    g.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: where the model is)")
-    g.add_argument("--precision", choices=PRECISIONS, default=d.precision,
-                   help="fp32 (exact), bf16 (all passes), mixed (noise step bf16, mask step fp32)")
     f = p.add_argument_group("fast paths (default: automatic)")
-    f.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
-                   help="channels_last memory format (default: on for conv models)")
-    f.add_argument("--merge-passes", action=argparse.BooleanOptionalAction, default=None,
-                   help="clean and perturbed passes as one pass over the batch twice (default: on CUDA)")
-    f.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
-                   help="torch.compile the model passes (default: on CUDA)")
+    for field in dataclasses.fields(ANPConfig):
+        if field.name in skip:
+            continue
+        group = f if field.name in FAST_PATH_FIELDS else g
+        flag = "--" + field.name.replace("_", "-")
+        text = helps.get(field.name, "").replace("%", "%%")
+        kind = field.type if isinstance(field.type, str) else getattr(field.type, "__name__", str(field.type))
+        if kind == "bool" and field.default is False:
+            group.add_argument(flag, action="store_true", help=text)
+        elif "bool" in kind:  # True by default, or None (automatic)
+            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=field.default, help=text)
+        else:
+            cast = {"float": float, "int": int}.get(kind, str)
+            group.add_argument(flag, type=cast, default=field.default, choices=FIELD_CHOICES.get(field.name),
+                               help=text)
     f.add_argument("--keep-freed-memory", action="store_true",
                    help="keep freed CPU memory in the process instead of handing it back to the OS: fewer page "
                         "faults, faster on CPU (measured 4-9%% per iteration), resident size does not shrink")
-    f.add_argument("--fused-kernels", action=argparse.BooleanOptionalAction, default=None,
-                   help="fused compiled norm kernels (default: where built; --no-fused-kernels: eager ops, "
-                        "bit-identical to the published loop)")
-    f.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=False,
-                   help="replay each iteration as one captured CUDA graph (CUDA only; default: off)")
 
 
-def _config_from(args) -> ANPConfig:
-    return ANPConfig(eps=args.eps, steps=args.steps, alpha=args.alpha, lr=args.lr, momentum=args.momentum,
-                     batch_size=args.batch_size, project_noise=args.project_noise, layers=args.layers,
-                     train_mode=args.train_mode, device=args.device, precision=args.precision,
-                     channels_last=args.channels_last, merge_passes=args.merge_passes, compile=args.compile,
-                     fused_kernels=args.fused_kernels, cuda_graphs=args.cuda_graphs)
+def _config_from(args, skip=("iters", "seed")) -> ANPConfig:
+    return ANPConfig(**{name: getattr(args, name) for name in ANPConfig.field_names()
+                        if name not in skip and hasattr(args, name)})
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -79,7 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
                                       "a clean split the attack never touched, prune, report ACC/ASR.")
     demo.add_argument("--out", default="anp_demo_out", help="output folder (default: %(default)s)")
     demo.add_argument("--iters", type=int, default=2000, help="ANP iterations (default: %(default)s, published)")
-    demo.add_argument("--prune", default="auto",
+    demo.add_argument("--prune", default=RUN.prune,
                       help="auto (default: the clean walk, see README: first the pre-activation suspects, then "
                            "from the lowest mask up, prune each neuron that costs ANP's clean set little, within --budget; "
                            "then checked on the held-out split) | auto:masks (the walk on the masks alone) | "
@@ -87,7 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
                            "fraction:F")
     demo.add_argument("--threshold", type=float, default=None,
                       help="prune masks <= this (the published fixed rule; same as --prune threshold:T)")
-    demo.add_argument("--budget", type=float, default=2.0,
+    demo.add_argument("--budget", type=float, default=RUN.budget,
                       help="auto: largest drop of clean accuracy, in points (default: %(default)s)")
     demo.add_argument("--trigger", default="badnets",
                       help="badnets | patch | blend | sig | wanet, with options NAME:KEY=VALUE (default: badnets)")
@@ -105,15 +95,15 @@ def build_parser() -> argparse.ArgumentParser:
                                         "masks, a JSON report, the pruning sweep (CSV) and plots into --out.")
     _add_model_data_flags(purify, checkpoint=True)
     purify.add_argument("--clean-fraction", type=float, default=None,
-                        help="fraction of the training split used as clean data (default 0.01)")
+                        help=f"fraction of the training split used as clean data (default {RUN.clean_fraction})")
     purify.add_argument("--clean-count", type=int, default=None, help="number of clean images instead")
-    purify.add_argument("--holdout-fraction", type=float, default=0.2,
+    purify.add_argument("--holdout-fraction", type=float, default=RUN.holdout_fraction,
                         help="part of the clean data held out to check the pruning choice (default: %(default)s)")
-    purify.add_argument("--prune", default="auto",
+    purify.add_argument("--prune", default=RUN.prune,
                         help="threshold:T | number:K | fraction:F | auto (default: %(default)s: the clean walk "
                              "with pre-activation evidence on the clean set, checked on the held-out split, see README) | "
                              "auto:masks | auto:most | auto:first")
-    purify.add_argument("--budget", type=float, default=2.0,
+    purify.add_argument("--budget", type=float, default=RUN.budget,
                         help="auto pruning: largest drop of clean accuracy, in points (default: 2)")
     purify.add_argument("--trigger", default=None,
                         help="badnets | patch | blend | sig | wanet | published-badnets | published-4corner | "
@@ -149,7 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
     prune_p.add_argument("--masks", required=True, help="mask file (published ' \\t ' format)")
     prune_p.add_argument("--prune", default="threshold:0.2",
                          help="threshold:T | number:K | fraction:F | auto[:walk|masks|most|first]")
-    prune_p.add_argument("--budget", type=float, default=2.0, help="auto: clean accuracy drop allowed (points)")
+    prune_p.add_argument("--budget", type=float, default=RUN.budget, help="auto: clean accuracy drop allowed (points)")
     prune_p.add_argument("--trigger", default=None,
                          help="badnets | patch | blend | sig | wanet | published-badnets | published-4corner | "
                               "backdoorbench-badnets | backdoorbench-blended (with options) | trigger_info.th | "
@@ -157,9 +147,9 @@ def build_parser() -> argparse.ArgumentParser:
     prune_p.add_argument("--target", type=int, default=None,
                          help="the backdoor's target class (with --trigger: report the ASR)")
     prune_p.add_argument("--seed", type=int, default=0, help="seed of the held-out clean split (as in purify)")
-    prune_p.add_argument("--clean-fraction", type=float, default=None, help="as given to purify (default 0.01)")
+    prune_p.add_argument("--clean-fraction", type=float, default=None, help=f"as given to purify (default {RUN.clean_fraction})")
     prune_p.add_argument("--clean-count", type=int, default=None, help="as given to purify")
-    prune_p.add_argument("--holdout-fraction", type=float, default=0.2, help="as given to purify")
+    prune_p.add_argument("--holdout-fraction", type=float, default=RUN.holdout_fraction, help="as given to purify")
     prune_p.add_argument("--device", default=None, help="cpu (default), cuda, cuda:N")
     attack = sub.add_parser("attack", formatter_class=_HelpFormatter,
                             help="train a backdoored model (for research and tests)",
@@ -218,19 +208,21 @@ def _add_rnp_flags(p: argparse.ArgumentParser) -> None:
     """``--rnp-FIELD`` for every RNPConfig field (used with --method rnp), defaults the published ones."""
     import dataclasses
 
-    from .config import RNPConfig
+    from .config import RNPConfig, field_help
 
+    helps = field_help(RNPConfig)
     g = p.add_argument_group("RNP options (--method rnp; defaults are the published code's)")
     for f in dataclasses.fields(RNPConfig):
         flag = "--rnp-" + f.name.replace("_", "-")
         default = f.default
+        text = helps.get(f.name, "").replace("%", "%%")
         if isinstance(default, tuple):
             g.add_argument(flag, type=int, nargs="+", default=list(default), metavar="EPOCH",
-                           help=f"(default: {' '.join(map(str, default))})")
+                           help=f"{text} (default: {' '.join(map(str, default))})")
         elif default is None:
-            g.add_argument(flag, type=float, default=None, help="(default: none)")
+            g.add_argument(flag, type=float, default=None, help=f"{text} (default: none)")
         else:
-            g.add_argument(flag, type=type(default), default=default, help="(default: %(default)s)")
+            g.add_argument(flag, type=type(default), default=default, help=f"{text} (default: %(default)s)")
 
 
 def _rnp_options(args):

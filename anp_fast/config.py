@@ -13,6 +13,34 @@ TRAIN_MODES = ("all", "norms")
 PRECISIONS = ("fp32", "bf16", "mixed")
 
 
+def field_help(cls) -> Dict[str, str]:
+    """``{field: text}`` from a config dataclass's docstring, where each field is described by a line
+    ``name: text`` or ``name, other: text`` (continued on more-indented lines): the CLI's help comes from here."""
+    import inspect
+    import re
+
+    found: Dict[str, str] = {}
+    current: list = []
+    for line in inspect.cleandoc(cls.__doc__ or "").splitlines():
+        m = re.match(r"^([a-z_]+(?:, [a-z_]+)*): (.*)$", line)
+        if m:
+            current = m.group(1).split(", ")
+            for name in current:
+                found[name] = m.group(2).strip()
+        elif current and line.startswith("    ") and line.strip():
+            for name in current:
+                found[name] += " " + line.strip()
+        else:
+            current = []
+    fields = {f.name for f in dataclasses.fields(cls)}
+    return {k: v for k, v in found.items() if k in fields}
+
+
+# the CLI's choices and groups of ANPConfig fields (the flags themselves are generated from the dataclass)
+FIELD_CHOICES = {"layers": LAYER_POLICIES, "train_mode": TRAIN_MODES, "precision": PRECISIONS}
+FAST_PATH_FIELDS = ("channels_last", "merge_passes", "compile", "fullgraph", "fused_kernels", "cuda_graphs")
+
+
 @dataclass
 class ANPConfig:
     """Hyper-parameters of ANP (defaults are the published ones, see ../shared/ANP.md).
@@ -20,8 +48,10 @@ class ANPConfig:
     eps: bound of the neuron perturbation d, e (0 disables the adversary).
     steps: adversarial sign-gradient steps per iteration; the noise lr is eps / steps.
     alpha: weight of the clean loss; (1 - alpha) weighs the perturbed loss.
-    lr, momentum: SGD on the masks.
-    iters, batch_size: iterations of the loop, batch drawn with replacement from the clean set.
+    lr: learning rate of the SGD on the masks.
+    momentum: momentum of that SGD.
+    iters: iterations of the loop.
+    batch_size: clean images per iteration, drawn with replacement from the clean set.
     project_noise: clamp d, e back to [-eps, eps] after each noise step (the paper); the published code
         does not (default False).
     seed: seeds the noise draws and the batch sampling.
@@ -31,7 +61,7 @@ class ANPConfig:
         (dropout and stochastic depth off, batch statistics still used).
     precision: "fp32" (exact); "bf16" (autocast for every pass); "mixed" (the noise step in bf16, since
         only the sign of its gradient is used; the mask step in fp32).
-    device: where the loop runs; None keeps the model's device.
+    device: where the loop runs (cpu, cuda, cuda:1, ...); None keeps the model's device.
 
     Fast paths (results equal the published loop up to float rounding):
     channels_last: run conv models in channels_last memory format (None: when the model has a Conv2d).
@@ -39,7 +69,8 @@ class ANPConfig:
         each half normalised with its own statistics and coefficients: bit-identical results (None: on
         CUDA only; on CPU the doubled batch is measured slower).
     compile: torch.compile the model passes (None: on CUDA only; on CPU compiling takes tens of seconds
-        and pays off over long runs). ``fullgraph``: demand that the model compiles with no graph break.
+        and pays off over long runs).
+    fullgraph: with compile, demand that the model compiles with no graph break.
     fused_kernels: run the perturbed norms as the fused compiled kernels (C++ on the CPU, CUDA/Triton on GPUs),
         with residual add and ReLU folded into the batch norm of known residual blocks (None/True: wherever a
         kernel is available; False: the eager ops, which reproduce the published loop bit for bit).
@@ -141,6 +172,26 @@ def _checked_init(self, *args, **kwargs):
 
 _checked_init.__doc__ = _dataclass_init.__doc__
 ANPConfig.__init__ = _checked_init
+
+
+@dataclass(frozen=True)
+class RunDefaults:
+    """The defaults of the purify / prune / demo settings around the loop, each given once: the CLI's flags, the
+    pipeline's and the selection's keyword defaults all read them from ``RUN``.
+
+    clean_fraction: part of the training split used as the defender's clean data (published --val-frac 0.01).
+    holdout_fraction: part of the clean data held out to check the pruning choice.
+    budget: --prune auto: the largest clean-accuracy drop allowed, in points.
+    prune: the pruning rule.
+    """
+
+    clean_fraction: float = 0.01
+    holdout_fraction: float = 0.2
+    budget: float = 2.0
+    prune: str = "auto"
+
+
+RUN = RunDefaults()
 
 
 @dataclass

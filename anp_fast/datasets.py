@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from .config import RUN
 from .errors import DataError
 
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
@@ -474,7 +475,7 @@ def load_dataset(spec: str, root: Optional[str] = None) -> DatasetSplits:
 
 
 def clean_split(n_train: int, fraction: Optional[float] = None, count: Optional[int] = None,
-                holdout_fraction: float = 0.2, seed: int = 0) -> Tuple[Tensor, Tensor]:
+                holdout_fraction: float = RUN.holdout_fraction, seed: int = 0) -> Tuple[Tensor, Tensor]:
     """Indices into the TRAINING split for the defender's clean data: ``count`` images, or ``fraction`` of
     ``n_train`` (exactly one of them), drawn without replacement with a seeded generator and cut into
     ``(clean_idx, holdout_idx)``: the part ANP optimises on and a held-out clean part (``holdout_fraction`` of

@@ -11,7 +11,7 @@ from typing import Optional
 import torch
 
 from .attacks import parse_trigger, poison, triggered_test_set
-from .config import ANPConfig
+from .config import RUN, ANPConfig
 from .data import load_digits
 from .engine import Interrupted, optimize_masks
 from .errors import ANPError
@@ -48,7 +48,7 @@ def _prepare_out(out: str, overwrite: bool) -> None:
 
 def run_demo(out: str = "anp_demo_out", iters: int = 2000, prune_rule: str = "auto", trigger: str = "badnets",
              target: int = 0, poison_rate: float = 0.1, epochs: int = 15, seed: int = 0, width: int = 16,
-             budget: float = 2.0, config: Optional[ANPConfig] = None, progress: bool = True,
+             budget: float = RUN.budget, config: Optional[ANPConfig] = None, progress: bool = True,
              overwrite: bool = False, log=print) -> dict:
     """Run the whole demo and write masks.txt, summary.json, sweep.csv, anp_demo.png, purified.pt and
     backdoored.pt into ``out``. The pruning amount is chosen by ``prune_rule`` (``auto``: from the held-out

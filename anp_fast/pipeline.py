@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from .config import ANPConfig
+from .config import RUN, ANPConfig
 from .errors import Interrupted
 from .errors import ANPError, ConfigError, DataError
 from .fileio import atomic_write_text
@@ -415,8 +415,8 @@ def _pruning_sweep(model, masks, evaluator: Evaluator, rule: Dict, progress: boo
 # ------------------------------------------------------------------------------------------------ purify
 def run_purify(*, arch: str, checkpoint: str, data: str, out: str, config: ANPConfig,
                arch_args: Optional[Dict] = None, clean_fraction: Optional[float] = None,
-               clean_count: Optional[int] = None, holdout_fraction: float = 0.2, prune_rule: str = "auto",
-               budget: float = 2.0, trigger: Optional[str] = None, target: Optional[int] = None,
+               clean_count: Optional[int] = None, holdout_fraction: float = RUN.holdout_fraction, prune_rule: str = RUN.prune,
+               budget: float = RUN.budget, trigger: Optional[str] = None, target: Optional[int] = None,
                save_every: int = 0, resume: bool = False, overwrite: bool = False,
                allow_small_clean: bool = False, workers: int = 0, progress: bool = True,
                command: Optional[Dict] = None, method: str = "anp", method_options=None,
@@ -450,7 +450,7 @@ def run_purify(*, arch: str, checkpoint: str, data: str, out: str, config: ANPCo
         raise ConfigError(f"--stop-patience {stop_patience} / --stop-every {stop_every}: the patience must be an "
                           "integer >= 0 (0: off) and the check interval >= 1")
     if (clean_fraction is None) == (clean_count is None):
-        clean_fraction = 0.01 if clean_count is None else clean_fraction
+        clean_fraction = RUN.clean_fraction if clean_count is None else clean_fraction
     check_device(config.device, config.cuda_graphs)
     if method not in METHODS:
         raise ConfigError(f"--method {method!r}: known methods are {', '.join(METHODS)}")
@@ -604,7 +604,7 @@ def _cut_value(masks, chosen: Dict) -> float:
 
 # ------------------------------------------------------------------------------------------------ prune
 def run_prune(*, arch: str, checkpoint: str, masks_file: str, data: str, out: str, prune_rule: str = "threshold:0.2",
-              arch_args: Optional[Dict] = None, budget: float = 2.0, holdout_fraction: float = 0.2,
+              arch_args: Optional[Dict] = None, budget: float = RUN.budget, holdout_fraction: float = RUN.holdout_fraction,
               clean_fraction: Optional[float] = None, clean_count: Optional[int] = None,
               trigger: Optional[str] = None, target: Optional[int] = None, seed: int = 0,
               device: Optional[str] = None, overwrite: bool = False, normalize: Optional[str] = None,
@@ -634,7 +634,7 @@ def run_prune(*, arch: str, checkpoint: str, masks_file: str, data: str, out: st
             "pruned")
     splits = loaded.splits
     if clean_count is None and clean_fraction is None:
-        clean_fraction = 0.01
+        clean_fraction = RUN.clean_fraction
     clean_idx, holdout_idx = clean_split(len(splits.train), fraction=None if clean_count is not None else
                                          clean_fraction, count=clean_count, holdout_fraction=holdout_fraction,
                                          seed=seed)

@@ -12,6 +12,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
+from .config import RUN
 from .pruning import sweep
 
 THRESHOLDS = [round(0.05 * i, 2) for i in range(20)]
@@ -93,7 +94,7 @@ def _clean_tensors(evaluator, split: bool = False):
     return _tensors(sets), None
 
 
-def walk(model: nn.Module, masks: Mapping[str, Tensor], evaluator, budget_points: float = 2.0,
+def walk(model: nn.Module, masks: Mapping[str, Tensor], evaluator, budget_points: float = RUN.budget,
          tau: float = WALK_TAU, floor: float = WALK_FLOOR, patience: int = WALK_PATIENCE,
          max_fraction: float = WALK_MAX_FRACTION, evidence: bool = True, suspect_tau: Optional[float] = SUSPECT_TAU,
          verify: bool = True, progress: bool = False) -> Dict:
@@ -249,7 +250,7 @@ _WALKS = {"walk": ("clean-walk+evidence", dict(evidence=True)), "masks": ("clean
           "evidence": ("evidence-walk", dict(evidence=True, max_fraction=0.0))}
 
 
-def choose(model: nn.Module, masks: Mapping[str, Tensor], evaluator, budget_points: float = 2.0,
+def choose(model: nn.Module, masks: Mapping[str, Tensor], evaluator, budget_points: float = RUN.budget,
            mode: str = "walk", progress: bool = False) -> Dict:
     """The oracle-free pruning choice: ``{"rule": {...}, "name": ...}`` (and ``"evidence"``, the walk's
     report); ``mode`` ``walk`` (default: the clean walk with pre-activation evidence, see :func:`walk`),
@@ -296,7 +297,7 @@ class StopRule:
         return len(last) == self.patience + 1 and all(x == last[0] for x in last)
 
 
-def simulate_stop(model, masks, snapshots: Dict, evaluator, budget_points: float = 2.0,
+def simulate_stop(model, masks, snapshots: Dict, evaluator, budget_points: float = RUN.budget,
                   patience: int = 3) -> Optional[Dict]:
     """Replay :class:`StopRule` (checking the mask-order rule ``most``, as ``purify --stop-patience`` does) on a
     finished run's mask ``snapshots`` ({"iterations", "masks" (S, N) flat,

@@ -67,3 +67,37 @@ def test_every_option_has_help_and_shows_its_default():
     assert missing == []
     text = sub.choices["attack"].format_help()
     assert "--epochs EPOCHS       training epochs (default: 30)" in text
+
+
+def test_anp_flags_are_generated_from_the_config_dataclass(monkeypatch):
+    """Every ANPConfig field is a purify flag with the dataclass's default and its docstring's help; a new
+    documented field appears in the CLI with nothing else to edit."""
+    import dataclasses
+
+    from anp_fast import cli
+    from anp_fast.config import ANPConfig, field_help
+
+    helps = field_help(ANPConfig)
+    assert set(helps) == set(ANPConfig.field_names())  # every field is documented
+    purify = cli.build_parser().purify
+    actions = {a.dest: a for a in purify._actions}
+    for field in dataclasses.fields(ANPConfig):
+        action = actions[field.name]
+        assert action.option_strings[0] == "--" + field.name.replace("_", "-")
+        assert action.default == field.default, field.name
+        assert helps[field.name].replace("%", "%%") == action.help, field.name
+    args = purify.parse_args(["--eps", "0.3", "--precision", "bf16", "--no-fused-kernels", "--cuda-graphs"])
+    config = cli._config_from(args, skip=())
+    assert (config.eps, config.precision, config.fused_kernels, config.cuda_graphs) == (0.3, "bf16", False, True)
+
+    @dataclasses.dataclass
+    class Extended(ANPConfig):
+        """ANPConfig and one more knob.
+
+        warmup: iterations before the masks move.
+        """
+        warmup: int = 7
+
+    monkeypatch.setattr(cli, "ANPConfig", Extended)
+    extended = {a.dest: a for a in cli.build_parser().purify._actions}
+    assert extended["warmup"].default == 7 and extended["warmup"].help == "iterations before the masks move."
