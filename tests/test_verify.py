@@ -134,3 +134,31 @@ def test_doctor_reports_and_fails_on_an_unusable_requested_backend():
                           env={**env, "ANP_FAST_BACKEND": missing}, timeout=300)
     assert done.returncode == 1, done.stdout
     assert f"problem: ANP_FAST_BACKEND='{missing}': not built here" in done.stdout
+
+
+@needs_cpp
+def test_a_wrong_backend_in_a_run_is_caught_and_the_masks_equal_the_eager_runs(tiny_resnet):
+    """A test double that returns a wrong output is registered as the preferred CPU backend of the batch norm:
+    the first use of each signature catches it, disables it with the warning, and the run's masks equal those
+    of the same run on the eager ops."""
+    import copy
+
+    from anp_fast import ANPConfig, optimize_masks
+
+    g = torch.Generator().manual_seed(3)
+    clean = (torch.randn(40, 1, 8, 8, generator=g), torch.randint(0, 5, (40,), generator=g))
+    config = ANPConfig(iters=4, batch_size=16, seed=0, channels_last=False, merge_passes=False, compile=False)
+    eager_run = optimize_masks(copy.deepcopy(tiny_resnet), clean, config.replace(fused_kernels=False),
+                               progress=False)
+    ops.register("perturbed_batch_norm", "verify_test_output", _broken("output"), devices=("cpu",))
+    try:
+        assert ops.backends("perturbed_batch_norm", "cpu")[0] == "verify_test_output"
+        with pytest.warns(RuntimeWarning, match="backend 'verify_test_output' disabled for cpu/float32"):
+            run = optimize_masks(copy.deepcopy(tiny_resnet), clean, config.replace(fused_kernels=True),
+                                 progress=False)
+    finally:
+        ops._REGISTRY["perturbed_batch_norm"].pop("verify_test_output")
+    checked = [r for r in verify.report() if r["backend"] == "verify_test_output"]
+    assert checked and not any(r["ok"] for r in checked)
+    for name, mask in eager_run.masks.items():
+        assert torch.equal(mask, run.masks[name]), name
