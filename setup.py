@@ -7,6 +7,7 @@ CUDA device, or when ``ANP_FAST_BUILD_CUDA=1`` forces them (architectures from `
 then falls back to its Triton and eager ops, with a warning). The CPU build is portable unless
 ``ANP_FAST_NATIVE_ARCH=1`` (-march=native: this machine only); ``ANP_FAST_DEBUG=1`` builds -O0 -g.
 """
+import json
 import os
 import platform
 
@@ -25,6 +26,8 @@ def _extensions():
     from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
 
     include = [os.path.abspath("csrc")]
+    with open(os.path.join("csrc", "extensions.json")) as f:
+        sources = json.load(f)  # listed once (the CUDA build test reads them too)
     # Portable by default, with runtime CPU dispatch as ATen does: _cpu_kernels is built for the baseline
     # x86-64 (runs on any CPU the torch wheel runs on: a wheel or shared install built on one CPU must not die
     # with an illegal instruction on another), _cpu_kernels_v3 / _v4 for x86-64-v3 (AVX2, FMA) and x86-64-v4
@@ -37,15 +40,14 @@ def _extensions():
         variants = {"": ["-march=native"]}
     elif platform.machine().lower() in ("x86_64", "amd64"):
         variants.update({"_v3": ["-march=x86-64-v3"], "_v4": ["-march=x86-64-v4"]})
-    exts = [CppExtension(f"anp_fast._cpu_kernels{suffix}", ["csrc/cpu/perturbed_batch_norm.cpp"],
+    exts = [CppExtension(f"anp_fast._cpu_kernels{suffix}", sources["cpu"],
                          include_dirs=include, extra_compile_args=cpu_flags + arch, extra_link_args=["-fopenmp"])
             for suffix, arch in variants.items()]
     build_cuda = _flag("ANP_FAST_BUILD_CUDA")
     if build_cuda is None:
         build_cuda = torch.cuda.is_available()
     if build_cuda:
-        exts.append(CUDAExtension("anp_fast._cuda_kernels",
-                                  ["csrc/cuda/bindings.cpp", "csrc/cuda/perturbed_batch_norm.cu"],
+        exts.append(CUDAExtension("anp_fast._cuda_kernels", sources["cuda"],
                                   include_dirs=include,
                                   extra_compile_args={"cxx": ["-O3"],
                                                       "nvcc": ["-O3"]}))

@@ -64,19 +64,8 @@ ANP_HD Stats stats_from_shifted_sums(double k, double s1, double s2, int64_t cou
   return st;
 }
 
-// Eval mode: statistics come from the running buffers.
-ANP_HD float rstd_from_var(float var, double eps) { return static_cast<float>(1.0 / sqrt(static_cast<double>(var) + eps)); }
-
-// torch's running-statistics update for one batch_norm call.
-ANP_HD float running_update(float running, float batch_value, float momentum) {
-  return (1.0f - momentum) * running + momentum * batch_value;
-}
-
 // ---- forward ----
-// Coefficients of one (group, channel): a = scale * coef_w, b = shift * coef_b (shift may be absent).
-ANP_HD float coef_a(float scale, float coef_w) { return scale * coef_w; }
-ANP_HD float coef_b(float shift, float coef_b_) { return shift * coef_b_; }
-
+// a = scale * coef_w and b = shift * coef_b are composed in torch around the op (anp_fast/ops/fused.py).
 ANP_HD float forward_value(float x, float mean, float rstd, float a, float b) { return (x - mean) * rstd * a + b; }
 // NaN passes through, as torch's relu and its backward let it.
 ANP_HD float apply_relu(float y) { return y < 0.f ? 0.f : y; }

@@ -1,6 +1,7 @@
 """The CUDA sources compile and link for sm_80 and sm_90 with the machine's nvcc, GPU or not (issue 4's build
 check; running them needs a GPU: tests/test_fused_batch_norm.py does that where there is one), and no kernel
 spills registers to local memory (read off the cubins, which costs no GPU either)."""
+import json
 import os
 import re
 import shutil
@@ -45,7 +46,8 @@ def build_dir(tmp_path_factory):
         mp.setenv("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
         mp.setenv("MAX_JOBS", "2")
         mp.setattr(cpp_extension, "CUDA_HOME", home)
-        sources = [str(ROOT / "csrc" / "cuda" / name) for name in ("bindings.cpp", "perturbed_batch_norm.cu")]
+        listed = json.loads((ROOT / "csrc" / "extensions.json").read_text())["cuda"]  # setup.py's list
+        sources = [str(ROOT / name) for name in listed]
         cpp_extension.load("anp_fast_cuda_build_check", sources, extra_include_paths=[str(ROOT / "csrc")],
                            extra_cflags=["-O2"], extra_cuda_cflags=["-O3"], build_directory=str(out),
                            with_cuda=True, is_python_module=False, verbose=False)
