@@ -316,6 +316,17 @@ def write_report(results: List[Dict], out: str) -> List[Dict]:
                      + "".join(f"{_pct(r.get(m + '_asr_worst'))}, {_pct(r.get(m + '_drop_worst'))} | "
                                for m in REFERENCE_RULES[1:]) +
                      f"{_pct(r['oracle_acc_median'])}/{_pct(r['oracle_asr_median'])} | {bar} |")
+    stops = [r for r in results if r.get("stop")]
+    if stops:  # the opt-in stop rule replayed on each ANP run's snapshots (rule "most", patience 3, every 100)
+        lines += ["", "Stop rule (`purify --stop-patience 3 --stop-every 100`, replayed on the kept masks):", "",
+                  "| cell | method | stopped at | iterations saved | same pruned set as at the end | ACC/ASR at the stop |",
+                  "|---|---|---|---|---|---|"]
+        for r in stops:
+            st = r["stop"]
+            at = st.get("after") or {}
+            lines.append(f"| {r['cell']} | {r['method']} | {st['stopped_at'] or 'never'} | {st['saved']} | "
+                         f"{'-' if st['stopped_at'] is None else ('yes' if st.get('same_set') else 'NO')} | "
+                         f"{_pct(at.get('acc')) if at else '-'}/{_pct(at.get('asr')) if at else '-'} |")
     with open(os.path.join(out, "quality.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     plot(results, os.path.join(out, "quality.png"))
