@@ -31,7 +31,10 @@ def test_tiny_matrix_runs_resumes_and_reports(tmp_path, capsys):
     benign = json.loads((work / "digits-cifar" / "benign@0" / "s0" / "attack.json").read_text())
     assert benign["poisoned"] == 0
     table = (report / "quality.md").read_text()
-    assert table.count("\n") == 2 + 6 and "| digits-cifar | benign |" in table
+    main_table, stop_table = table.split("\n\nStop rule")
+    assert main_table.count("\n") == 1 + 6 and "| digits-cifar | benign |" in main_table
+    assert sum(line.startswith("| digits-cifar/") and "| anp |" in line
+               for line in stop_table.splitlines()) == 3  # one row per ANP cell
     assert (report / "quality.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     rows = (report / "quality.csv").read_text().splitlines()
     assert rows[0].startswith("data,attack,rate,method,seeds") and len(rows) == 7
