@@ -174,6 +174,27 @@ _checked_init.__doc__ = _dataclass_init.__doc__
 ANPConfig.__init__ = _checked_init
 
 
+def check_device(spec: Optional[str], cuda_graphs: bool = False, name: str = "--device"):
+    """The one check of a device string (CLI, pipeline and engine): ``torch.device`` of it (None for None), or a
+    ConfigError naming ``name`` when it is no device, asks for CUDA on a machine without, or ``cuda_graphs``
+    without CUDA."""
+    import torch
+
+    device = None
+    if spec:
+        try:
+            device = torch.device(spec)
+        except (RuntimeError, ValueError):
+            raise ConfigError(f"{name} {spec!r}: not a device (cpu, cuda, cuda:1, ...)") from None
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ConfigError(f"{name} {spec}: no CUDA device is available on this machine (no CUDA GPU, or a "
+                              "torch built without CUDA)")
+    if cuda_graphs and (device is None or device.type != "cuda"):
+        raise ConfigError(f"{'--cuda-graphs' if name == '--device' else 'cuda_graphs=True'} needs {name} cuda "
+                          "(CUDA graphs replay GPU work only)")
+    return device
+
+
 @dataclass(frozen=True)
 class RunDefaults:
     """The defaults of the purify / prune / demo settings around the loop, each given once: the CLI's flags, the

@@ -11,7 +11,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from .config import ANPConfig
+from .config import ANPConfig, check_device
 from .data import BatchSource, batch_source, check_labels
 from .errors import ConfigError, DivergenceError, Interrupted, ModelError  # noqa: F401  (Interrupted re-exported)
 from .fileio import atomic_torch_save
@@ -26,13 +26,7 @@ def _device_of(config: ANPConfig, model: nn.Module) -> torch.device:
     if config.device is None:
         param = next(model.parameters(), None)
         return param.device if param is not None else torch.device("cpu")
-    try:
-        device = torch.device(config.device)
-    except RuntimeError as exc:
-        raise ConfigError(f"ANPConfig.device={config.device!r}: {exc}") from exc
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"ANPConfig.device={config.device!r}: no CUDA device is available here")
-    return device
+    return check_device(config.device, name="ANPConfig.device")  # the one device check (anp_fast.config)
 
 
 def logits_of(output) -> Tensor:

@@ -22,6 +22,7 @@ import torch.nn as nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from .config import RUN, ANPConfig
+from .config import check_device as config_check_device
 from .errors import Interrupted
 from .errors import ANPError, ConfigError, DataError
 from .fileio import atomic_write_text
@@ -167,15 +168,7 @@ def make_out(out: str) -> None:
 
 
 def check_device(device: Optional[str], cuda_graphs: bool = False) -> None:
-    if device:
-        try:
-            torch.device(device)
-        except (RuntimeError, ValueError):
-            raise ConfigError(f"--device {device!r}: not a device (cpu, cuda, cuda:1, ...)") from None
-    if device and device.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"--device {device}: no CUDA GPU is available on this machine")
-    if cuda_graphs and not (device or "").startswith("cuda"):
-        raise ConfigError("--cuda-graphs needs --device cuda (CUDA graphs replay GPU work only)")
+    config_check_device(device, cuda_graphs, name="--device")
 
 
 @dataclass
