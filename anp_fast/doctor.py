@@ -99,9 +99,12 @@ def format_report(found: Dict) -> str:
              f"backend requested: {found['requested'] or 'none (the best available)'}; first-use checks "
              f"{'on' if found['verify'] else 'off (ANP_FAST_VERIFY=0)'}"]
     for name, info in found["backends"].items():
-        if info["built"]:
+        if info["built"] and info["devices"]:
             extra = f" ({info['variant']} build)" if info.get("variant") else ""
-            lines.append(f"  {name}: built{extra}, serves {', '.join(info['devices']) or 'no device here'}")
+            lines.append(f"  {name}: built{extra}, serves {', '.join(info['devices'])}")
+        elif info["built"]:
+            lines.append(f"  {name}: importable, but it serves CUDA GPUs and this machine has none: not checked "
+                         f"here" + (" (the test suite runs it under TRITON_INTERPRET=1)" if name == "triton" else ""))
         else:
             lines.append(f"  {name}: not built ({info['error']})")
     by_backend: Dict[str, List[Dict]] = {}
