@@ -163,3 +163,21 @@ def test_a_wrong_backend_in_a_run_is_caught_and_the_masks_equal_the_eager_runs(t
     assert checked and not any(r["ok"] for r in checked)
     for name, mask in eager_run.masks.items():
         assert torch.equal(mask, run.masks[name]), name
+
+
+@needs_cpp
+def test_a_first_use_under_no_grad_inference_or_autocast_is_checked_properly():
+    """Evaluation calls the op under no_grad / inference_mode (and ANP's bf16 under autocast): the check must
+    still compute its gradients and pass a correct kernel."""
+    fn = ops.implementation("perturbed_batch_norm", "cpp")
+    x = torch.randn(6, 9, 4, 3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with torch.no_grad():
+            fn(x, *_args(9, training=False))
+        with torch.inference_mode():
+            fn(x, *_args(9, training=True), relu=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            fn(x.bfloat16(), *_args(9, training=True))
+    rows = verify.report()
+    assert len(rows) == 3 and all(r["ok"] for r in rows), rows

@@ -65,7 +65,11 @@ def usable(op: str, backend: str, signature: Tuple, check: Callable[[], None], f
     _state[key] = _CHECKING
     t0 = time.perf_counter()
     try:
-        check()
+        # the first call may come from inside no_grad / inference_mode (evaluation) or autocast: the check
+        # needs gradients and the plain dtypes it compares
+        with torch.inference_mode(False), torch.enable_grad(), torch.autocast("cpu", enabled=False), \
+                torch.autocast("cuda", enabled=False):
+            check()
         _state[key] = None
     except Exception as exc:  # noqa: BLE001 - any failure of a kernel disables it for this signature
         _state[key] = f"{type(exc).__name__}: {exc}".strip()
