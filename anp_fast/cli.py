@@ -285,7 +285,7 @@ def _require(args, *names) -> None:
 def _purify(args) -> int:
     import json
 
-    from .pipeline import COMMAND_FILE, run_purify
+    from .commands import COMMAND_FILE, run_purify
 
     if args.resume is not None:
         saved = os.path.join(args.resume, COMMAND_FILE)
@@ -329,7 +329,7 @@ def _purify(args) -> int:
 
 
 def _prune(args) -> int:
-    from .pipeline import run_prune
+    from .commands import run_prune
 
     _require(args, "arch", "checkpoint", "data", "out")
     run_prune(arch=args.arch, checkpoint=args.checkpoint, masks_file=args.masks, data=args.data, out=args.out,
@@ -342,7 +342,7 @@ def _prune(args) -> int:
 
 
 def _attack(args) -> int:
-    from .pipeline import run_attack
+    from .commands import run_attack
 
     _require(args, "arch", "data", "out")
     run_attack(arch=args.arch, data=args.data, out=args.out, trigger=args.trigger, target=args.target,
@@ -354,7 +354,7 @@ def _attack(args) -> int:
 
 def _export_digits(args) -> int:
     from .datasets import digits_as_cifar
-    from .pipeline import make_out
+    from .inputs import make_out
 
     make_out(args.dir)
     digits_as_cifar(args.dir, seed=args.seed)

@@ -18,7 +18,7 @@ from .errors import ANPError
 from .fileio import atomic_torch_save
 from .maskfile import save_masks
 from .models import resnet18
-from .pipeline import _cut_value, _rule_text
+from .commands import _cut_value, _rule_text
 from .pruning import prune, pruned_count, sweep
 from .report import plot_masks_and_sweep, table, write_csv, write_json
 from .train import train_classifier
@@ -29,7 +29,7 @@ HOLDOUT_FRACTION = 0.1  # of the digits: the held-out clean split (disjoint from
 
 
 def _prepare_out(out: str, overwrite: bool) -> None:
-    from .pipeline import make_out
+    from .inputs import make_out
 
     make_out(out)
     present = [f for f in OUTPUTS if os.path.exists(os.path.join(out, f))]
@@ -54,7 +54,8 @@ def run_demo(out: str = "anp_demo_out", iters: int = 2000, prune_rule: str = "au
     backdoored.pt into ``out``. The pruning amount is chosen by ``prune_rule`` (``auto``: from the held-out
     clean split, which neither the attack nor ANP ever sees; or ``threshold:T``, ``number:K``,
     ``fraction:F``). Returns the summary."""
-    from .pipeline import Evaluator, check_rule, parse_prune_rule
+    from .evaluation import Evaluator
+    from .inputs import check_rule, parse_prune_rule
     from .selection import choose
     from torch.utils.data import TensorDataset
 
@@ -81,7 +82,7 @@ def run_demo(out: str = "anp_demo_out", iters: int = 2000, prune_rule: str = "au
                          TensorDataset(splits.holdout.x, splits.holdout.y), TensorDataset(x_asr, y_asr), target,
                          clean=TensorDataset(splits.clean.x, splits.clean.y))
     before = evaluate(model)
-    from .pipeline import plausibility
+    from .evaluation import plausibility
 
     plausible = plausibility(model, evaluate.test, 10, torch.device("cpu"))  # what purify checks a checkpoint by
     log(f"backdoored model: ACC {100 * before['acc']:.1f}%  ASR {100 * before['asr']:.1f}%")

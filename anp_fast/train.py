@@ -1,4 +1,5 @@
-"""Plain supervised training and evaluation (for the demo and for making backdoored models to test on)."""
+"""Plain supervised training (for the demo and for making backdoored models to test on); evaluation is
+:mod:`anp_fast.evaluation`."""
 from __future__ import annotations
 
 import torch
@@ -38,23 +39,3 @@ def train_classifier(model: nn.Module, x: Tensor, y: Tensor, epochs: int = 20, b
     bar.close()
     model.eval()
     return model
-
-
-@torch.no_grad()
-def predict(model: nn.Module, x: Tensor, batch_size: int = 512) -> Tensor:
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    out = torch.cat([model(x[i:i + batch_size].to(device)).argmax(1).cpu() for i in range(0, len(x), batch_size)])
-    model.train(was_training)
-    return out
-
-
-def accuracy(model: nn.Module, x: Tensor, y: Tensor) -> float:
-    """Fraction of ``x`` classified as ``y`` (eval mode)."""
-    return float((predict(model, x) == y).float().mean()) if len(x) else float("nan")
-
-
-def attack_success_rate(model: nn.Module, x_triggered: Tensor, target: int) -> float:
-    """Fraction of triggered images (true label != target) classified as the target."""
-    return float((predict(model, x_triggered) == target).float().mean()) if len(x_triggered) else float("nan")

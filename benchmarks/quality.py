@@ -98,7 +98,7 @@ def _read_json(path: str):
 
 # --------------------------------------------------------------------------------------------- stages
 def attack_stage(cell: Cell, s: Settings, log) -> str:
-    from anp_fast.pipeline import run_attack
+    from anp_fast.commands import run_attack
 
     folder = os.path.join(s.work, cell.key)
     if not os.path.exists(os.path.join(folder, "attack.json")):
@@ -116,7 +116,8 @@ def _setup(cell: Cell, s: Settings):
     from torch.utils.data import Subset
 
     from anp_fast.datasets import clean_split
-    from anp_fast.pipeline import Evaluator, asr_dataset, load_model_and_data, tensors_of
+    from anp_fast.evaluation import Evaluator, tensors_of
+    from anp_fast.inputs import asr_dataset, load_model_and_data
 
     folder = os.path.join(s.work, cell.key)
     loaded = load_model_and_data(s.arch, os.path.join(folder, "backdoored.safetensors"), s.data_spec(cell.data),

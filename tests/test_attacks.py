@@ -248,7 +248,7 @@ def test_image_trigger_placement_and_alpha(tmp_path):
     keep[2:5, 5:8] = False
     assert torch.equal(out[..., keep], x[..., keep])
     # defaults: pasted (alpha 1) 1 px from the bottom-right corner, as a bare file name gives
-    from anp_fast.pipeline import make_trigger_spec
+    from anp_fast.inputs import make_trigger_spec
 
     bare = make_trigger_spec(str(path), (3, 12, 12)).apply(x)
     assert torch.equal(bare, parse_trigger(f"image:path={path}", (3, 12, 12)).apply(x))

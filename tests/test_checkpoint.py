@@ -273,7 +273,7 @@ def test_published_trigger_info_loads_and_applies_as_published(tmp_path):
     import numpy as np
 
     from anp_fast.checkpoint import load_trigger_info
-    from anp_fast.pipeline import make_trigger_spec
+    from anp_fast.inputs import make_trigger_spec
 
     path = tmp_path / "trigger_info.th"
     pattern, mask = _write_trigger_info(path)

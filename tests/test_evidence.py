@@ -6,7 +6,7 @@ from torch.distributions import Normal, kl_divergence
 from torch.utils.data import TensorDataset
 
 from anp_fast.evidence import divergence, suspects
-from anp_fast.pipeline import Evaluator
+from anp_fast.evaluation import Evaluator
 from anp_fast.selection import choose, walk
 
 

@@ -10,7 +10,7 @@ from anp_fast.cli import main
 from anp_fast.datasets import CIFAR10_MEAN, CIFAR10_STD, write_cifar
 from anp_fast.errors import ConfigError
 from anp_fast.normalization import from_metadata, resolve, to_metadata
-from anp_fast.pipeline import load_model_and_data
+from anp_fast.inputs import load_model_and_data
 
 
 @pytest.fixture(scope="module")
@@ -132,7 +132,7 @@ class _Oracle(torch.nn.Module):  # reads the label written into pixel (0, 0)
 def test_plausibility_flags_what_a_wrong_load_looks_like():
     from torch.utils.data import TensorDataset
 
-    from anp_fast.pipeline import plausibility
+    from anp_fast.evaluation import plausibility
 
     y = torch.arange(200) % 10
     x = torch.zeros(200, 1, 4, 4)
@@ -151,7 +151,7 @@ def test_plausibility_flags_what_a_wrong_load_looks_like():
 
 
 def test_a_wrongly_normalised_checkpoint_stops_before_any_work(tmp_path, capsys):
-    from anp_fast.pipeline import run_attack
+    from anp_fast.commands import run_attack
 
     att = tmp_path / "att"
     run_attack(arch="resnet18", data="digits", out=str(att), epochs=4, arch_args={"width": 4}, progress=False,

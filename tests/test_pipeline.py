@@ -12,7 +12,9 @@ from anp_fast.checkpoint import load_state_dict, save_checkpoint
 from anp_fast.cli import main
 from anp_fast.errors import ConfigError
 from anp_fast.datasets import write_cifar
-from anp_fast.pipeline import PURIFY_OUTPUTS, auto_number, parse_prune_rule, run_purify
+from anp_fast.commands import PURIFY_OUTPUTS, run_purify
+from anp_fast.inputs import parse_prune_rule
+from anp_fast.selection import auto_number
 from anp_fast.archs import build_arch
 
 
@@ -250,7 +252,7 @@ def _walk_problem():
     4, 5 only, so pruning 0 or 3 costs nothing and pruning any other one shrinks the margin (loss up)."""
     from torch.utils.data import TensorDataset
 
-    from anp_fast.pipeline import Evaluator
+    from anp_fast.evaluation import Evaluator
 
     model = torch.nn.Sequential(torch.nn.Conv2d(1, 6, 1, bias=False), torch.nn.BatchNorm2d(6),
                                 torch.nn.Flatten(), torch.nn.Linear(6, 2, bias=False))
@@ -298,7 +300,7 @@ def test_clean_walk_is_checked_on_the_held_out_split_and_backs_off():
     the held-out split (pruning it costs 50 points there)."""
     from torch.utils.data import TensorDataset
 
-    from anp_fast.pipeline import Evaluator
+    from anp_fast.evaluation import Evaluator
     from anp_fast.selection import walk
 
     model = torch.nn.Sequential(torch.nn.Conv2d(2, 6, 1, bias=False), torch.nn.BatchNorm2d(6),
@@ -383,7 +385,7 @@ def test_export_digits_into_a_file_is_refused(tmp_path, capsys):
 def test_attack_is_reproducible_from_its_seed(tmp_path):
     """The same seed gives the same checkpoint, whatever the global RNG state before (the initial weights are
     drawn from the seed too); another seed gives another model."""
-    from anp_fast.pipeline import run_attack
+    from anp_fast.commands import run_attack
 
     outs = []
     for i, seed in enumerate((3, 3, 4)):
@@ -436,12 +438,12 @@ def test_resume_works_from_another_directory(tmp_path, tiny_cifar, tiny_checkpoi
 
 
 def test_ctrl_c_outside_the_anp_loop_is_a_clean_exit(tmp_path, tiny_cifar, tiny_checkpoint, monkeypatch, capsys):
-    import anp_fast.pipeline as pipeline
+    import anp_fast.commands as commands
 
     def interrupt(*a, **k):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(pipeline, "_pruning_sweep", interrupt)
+    monkeypatch.setattr(commands, "_pruning_sweep", interrupt)
     masks = tmp_path / "m.txt"
     from anp_fast import save_masks
     from anp_fast.surgery import perturbable_layers
@@ -453,3 +455,15 @@ def test_ctrl_c_outside_the_anp_loop_is_a_clean_exit(tmp_path, tiny_cifar, tiny_
     assert rc == 130
     err = capsys.readouterr().err
     assert "interrupted" in err and "Traceback" not in err
+
+
+def test_the_old_pipeline_module_still_serves_older_imports():
+    """Front ends that imported the commands from anp_fast.pipeline before the split get the same objects."""
+    import anp_fast.commands as commands
+    import anp_fast.evaluation as evaluation
+    import anp_fast.inputs as inputs
+    import anp_fast.pipeline as pipeline
+
+    assert pipeline.run_purify is commands.run_purify and pipeline.run_attack is commands.run_attack
+    assert pipeline.Evaluator is evaluation.Evaluator and pipeline.load_model_and_data is inputs.load_model_and_data
+    assert set(pipeline.__all__) <= set(dir(pipeline))
