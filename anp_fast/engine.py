@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional
 
 import torch
@@ -14,9 +14,9 @@ from torch import Tensor
 from .config import ANPConfig, check_device
 from .data import BatchSource, batch_source, check_labels
 from .errors import ConfigError, DivergenceError, Interrupted, ModelError  # noqa: F401  (Interrupted re-exported)
-from .fileio import atomic_torch_save
 from .graphs import StepGraph
 from .progress import progress_bar
+from .runstate import load_run_state, save_run_state
 from .surgery import PerturbedModel, perturb_model
 
 NoiseInit = Callable[[Tensor, Tensor, float], None]
@@ -281,34 +281,6 @@ class ANPResult:
     info: Dict = field(default_factory=dict)  # what a method reports beyond the masks (RNP: its unlearning)
 
 
-RESUME_FORMAT = "anp_fast.resume/1"
-
-
-def _resume_state(path: str) -> Dict:
-    """A saved run state, loaded without unpickling anything but tensors and plain containers."""
-    if not os.path.isfile(path):
-        raise ConfigError(f"no saved ANP state at {path}")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise ConfigError(f"cannot read the saved ANP state {path}: {type(exc).__name__}: {exc}") from exc
-    if not isinstance(state, dict) or state.get("format") != RESUME_FORMAT:
-        raise ConfigError(f"{path} is not an anp_fast run state")
-    return state
-
-
-def _check_same_run(saved: Dict, config: ANPConfig, path: str) -> None:
-    now = asdict(config)
-    differ = [k for k, v in saved["config"].items() if k != "iters" and now.get(k) != v]
-    if differ:
-        raise ConfigError(f"cannot resume from {path}: the run was started with other settings ("
-                          + ", ".join(f"{k}: saved {saved['config'][k]!r}, now {now.get(k)!r}" for k in differ)
-                          + ")")
-    if saved["iteration"] > config.iters:
-        raise ConfigError(f"cannot resume from {path}: it is at iteration {saved['iteration']}, past iters="
-                          f"{config.iters}")
-
-
 Monitor = Callable[[int, "ANPEngine"], bool]
 
 
@@ -344,8 +316,7 @@ def optimize_masks(model: nn.Module, clean_data, config: Optional[ANPConfig] = N
     history = torch.zeros(config.iters, device=engine.device)
     start_it = 0
     if resume and state_path is not None and os.path.exists(state_path):
-        saved = _resume_state(state_path)
-        _check_same_run(saved, config, state_path)
+        saved = load_run_state(state_path, config)
         engine.load_state_dict(saved["engine"])
         start_it = int(saved["iteration"])
         source.restore(saved["source"], start_it)
@@ -362,9 +333,7 @@ def optimize_masks(model: nn.Module, clean_data, config: Optional[ANPConfig] = N
         checked = upto
 
     def save(done: int, source_state) -> None:
-        atomic_torch_save({"format": RESUME_FORMAT, "iteration": done, "engine": engine.state_dict(),
-                           "source": source_state, "history": history[:done].cpu(), "config": asdict(config)},
-                          state_path)
+        save_run_state(state_path, done, engine.state_dict(), source_state, history[:done], config)
 
     stopped_at = None
 
