@@ -15,15 +15,15 @@ from anp_fast.models import resnet18
 def test_demo_purifies_at_one_and_two_threads(tmp_path):
     """The acceptance on a real backdoor, for users with one core and with two (seeded runs differ between
     thread counts: reduction order): ASR >= 95% before, <= 5% after, ACC drop <= 2 points, the amount chosen by
-    the held-out clean rule. Both runs go at once, in bf16 to fit CI's time."""
-    runs = {}
-    for threads in (1, 2):
+    the held-out clean rule. In bf16 to fit CI's time, one run after the other: on CI's two cores, running both
+    at once oversubscribes them (3 threads) and the 2-thread run's training took 7x longer (measured: 71 s
+    against 9.4 s alone)."""
+    for threads in (2, 1):
         out = tmp_path / f"demo{threads}"
         env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
-        runs[threads] = (out, subprocess.Popen(
+        proc = subprocess.Popen(
             [sys.executable, "-m", "anp_fast.cli", "demo", "--out", str(out), "--no-progress", "--precision", "bf16"],
-            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
-    for threads, (out, proc) in runs.items():
+            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         stdout, stderr = proc.communicate(timeout=1500)
         assert proc.returncode == 0, stderr[-2000:]
         summary = json.loads((out / "summary.json").read_text())
