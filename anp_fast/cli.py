@@ -186,22 +186,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-BENCH_DESCRIPTION = ("Time one ANP iteration of the eager published loop and of engine modes, interleaved in one "
-                     "process; report medians, ratios, step / 6F and peak memory; write JSON/CSV/markdown results.")
-
-
 def _bench_main(argv: List[str]) -> int:
-    from anp_fast_bench.bench import add_arguments, run_cli
+    """``anp-fast bench ...`` is the benchmark package's own entry point (``anp-fast-bench``, ``python -m
+    anp_fast_bench``), run in a child process: the CLI never imports the benchmark package."""
+    import subprocess
 
-    p = argparse.ArgumentParser(prog="anp-fast bench", description=BENCH_DESCRIPTION)
-    add_arguments(p)
-    args = p.parse_args(argv)
-    args.command = "bench"
     try:
-        return run_cli(args)
-    except ANPError as exc:
-        print(f"anp-fast: error: {exc}", file=sys.stderr)
-        return 2
+        return subprocess.call([sys.executable, "-m", "anp_fast_bench", *argv])
+    except KeyboardInterrupt:
+        print("anp-fast: interrupted", file=sys.stderr)
+        return 130
 
 
 def _add_rnp_flags(p: argparse.ArgumentParser) -> None:

@@ -352,9 +352,17 @@ def write(result: Dict, out_dir: str) -> str:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    """The benchmark package's entry point: ``anp-fast-bench``, ``python -m anp_fast_bench`` and ``anp-fast
+    bench`` (which runs this in a child process)."""
+    from anp_fast.errors import ANPError
+
     p = argparse.ArgumentParser(prog="anp-fast bench", description=__doc__.split("\n")[0])
     add_arguments(p)
-    return run_cli(p.parse_args(argv))
+    try:
+        return run_cli(p.parse_args(argv))
+    except ANPError as exc:
+        print(f"anp-fast bench: error: {exc}", file=sys.stderr)
+        return 2
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

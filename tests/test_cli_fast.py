@@ -33,17 +33,24 @@ def test_import_anp_fast_is_torch_free_until_a_name_is_used():
     assert out.stdout.split() == ["False", "True", "True", "0.4"], out.stdout + out.stderr
 
 
-def test_bench_takes_its_own_flags(capsys):
+def test_bench_takes_its_own_flags(capfd):
     from anp_fast.cli import main
 
-    with pytest.raises(SystemExit) as exc:
-        main(["bench", "--help"])
-    assert exc.value.code == 0
-    text = capsys.readouterr().out
+    assert main(["bench", "--help"]) == 0
+    text = capfd.readouterr().out
     assert text.startswith("usage: anp-fast bench") and "--modes" in text
-    with pytest.raises(SystemExit) as exc:
-        main(["bench", "--no-such-flag"])
-    assert exc.value.code == 2
+    assert main(["bench", "--no-such-flag"]) == 2
+
+
+def test_the_cli_never_imports_the_benchmark_package():
+    """`anp-fast bench` runs the benchmark package's own entry point in a child process."""
+    probe = ("import sys; from anp_fast.cli import main; rc = main(['bench', '--help']); "
+             "print('IMPORTED', 'anp_fast_bench' in sys.modules, rc)")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert out.stdout.strip().splitlines()[-1] == "IMPORTED False 0", out.stdout[-500:] + out.stderr[-500:]
+    out = subprocess.run([sys.executable, "-m", "anp_fast_bench", "--help"], capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0 and "--modes" in out.stdout
 
 
 def test_every_option_has_help_and_shows_its_default():
