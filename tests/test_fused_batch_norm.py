@@ -192,8 +192,22 @@ def test_opcheck(backend, cl, res, relu, training):
     r = torch.randn(4, 5, 3, 2, generator=gen).contiguous(memory_format=mf).requires_grad_() if res else None
     mean_in = None if training else torch.randn(5, generator=gen)
     rstd_in = None if training else torch.rand(5, generator=gen) + 0.5
-    torch.library.opcheck(fwd, (x, a, b, r, mean_in, rstd_in, relu, training, 1e-5))
-    y, mean, rstd, _ = fwd(x.detach(), a.detach(), b.detach(), r, mean_in, rstd_in, relu, training, 1e-5)
+    torch.library.opcheck(fwd, (x, a, b, r, mean_in, rstd_in, relu, training, 1e-5, backend))
+    y, mean, rstd, _ = fwd(x.detach(), a.detach(), b.detach(), r, mean_in, rstd_in, relu, training, 1e-5, backend)
     dy = torch.randn(4, 5, 3, 2, generator=gen).contiguous(memory_format=mf)
     saved = [t.detach() for t in (x, y, a, mean, rstd)]
-    torch.library.opcheck(bwd, (dy, saved[0], saved[1] if relu else None, *saved[2:], res, relu, training))
+    torch.library.opcheck(bwd, (dy, saved[0], saved[1] if relu else None, *saved[2:], res, relu, training, backend))
+
+
+def test_one_custom_op_serves_every_backend():
+    """Issue 12.1: each fused op is ONE torch.library op; the compiled backends register to it and its last
+    argument names the one that runs; an unregistered name is a clear error, not a crash in a kernel."""
+    compiled = [b for b in ops.backends(OP) if b != "eager"]
+    if not compiled:
+        pytest.skip("no compiled backend loaded here")
+    pairs = {b: ops.custom_ops(b) for b in compiled}
+    assert len({id(f) for f, _ in pairs.values()}) == 1 and len({id(g) for _, g in pairs.values()}) == 1
+    fwd, _ = pairs[compiled[0]]
+    x = torch.randn(4, 3, 2, 2)
+    with pytest.raises(ValueError, match="no backend 'nope' registered"):
+        fwd(x, torch.ones(1, 3), torch.zeros(1, 3), None, None, None, False, True, 1e-5, "nope")

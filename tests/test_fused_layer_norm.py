@@ -58,6 +58,7 @@ def test_layer_norm_opcheck():
     x = torch.randn(6, 9, generator=gen).to(DEVICE).requires_grad_()
     a = (torch.rand(2, 9, generator=gen) + 0.5).to(DEVICE).requires_grad_()
     b = torch.randn(2, 9, generator=gen).to(DEVICE).requires_grad_()
-    torch.library.opcheck(fwd, (x, a, b, 1e-5))
-    y, mean, rstd = fwd(x.detach(), a.detach(), b.detach(), 1e-5)
-    torch.library.opcheck(bwd, (torch.randn(6, 9, generator=gen).to(DEVICE), x.detach(), a.detach(), mean, rstd))
+    torch.library.opcheck(fwd, (x, a, b, 1e-5, "triton"))
+    y, mean, rstd = fwd(x.detach(), a.detach(), b.detach(), 1e-5, "triton")
+    torch.library.opcheck(bwd, (torch.randn(6, 9, generator=gen).to(DEVICE), x.detach(), a.detach(), mean, rstd,
+                                "triton"))

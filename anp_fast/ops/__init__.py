@@ -20,7 +20,7 @@ ALL_DEVICES = ("cpu", "cuda", "mps", "xpu", "meta")
 
 # op name -> ordered {backend name: (implementation, device types)}; earlier entries are preferred.
 _REGISTRY: Dict[str, Dict[str, Tuple[Callable, Tuple[str, ...]]]] = {op: {} for op in OPS}
-_custom_ops: Dict[str, tuple] = {}  # backend -> (forward op, backward op) of its fused batch norm
+_custom_ops: Dict[str, tuple] = {}  # backend -> (forward op, backward op) it is registered to
 _loaded = False
 _cpp_error: Optional[BaseException] = None  # why the C++ CPU kernels did not load (None: they did)
 _missing: Dict[str, BaseException] = {}  # compiled backend -> why it did not load
@@ -88,7 +88,8 @@ def implementation(op: str, backend: str) -> Callable:
 
 
 def custom_ops(backend: str, op: str = "perturbed_batch_norm"):
-    """(forward, backward) custom ops of ``backend``'s fused ``op``."""
+    """(forward, backward) custom ops ``backend`` is registered to for ``op`` (one pair per op, shared by every
+    backend: their last argument names the backend)."""
     _load_fused()
     return _custom_ops[backend if op == "perturbed_batch_norm" else f"{backend}_{op[len('perturbed_'):]}"]
 
