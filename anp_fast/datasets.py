@@ -19,6 +19,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import Dataset
 
@@ -34,7 +35,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 # digits have no published constants: 0.5 / 0.5 per channel maps [0, 1] onto [-1, 1].
 DIGITS_MEAN, DIGITS_STD = 0.5, 0.5
 
-DIGITS_SIZE = 16          # ``digits``: 1 x 16 x 16, the size anp_fast.data.load_digits uses by default
+DIGITS_SIZE = 16          # ``digits``: 1 x 16 x 16, the size load_digits uses by default
 DIGITS_TEST_FRACTION = 0.2
 DIGITS_SEED = 0
 CIFAR_SIZE = 32
@@ -380,9 +381,7 @@ def _load_image_folder(path: str, size: int) -> DatasetSplits:
 # --------------------------------------------------------------------------------------------- digits
 
 def _digits(size: int, seed: int = DIGITS_SEED):
-    from .data import load_digits
-
-    # the same images and the same per-class test 20% as anp_fast.data.load_digits(seed=seed); the rest is train
+    # the same images and the same per-class test 20% as load_digits(seed=seed); the rest is train
     return load_digits(size=size, clean_fraction=0.0, test_fraction=DIGITS_TEST_FRACTION, seed=seed)
 
 
@@ -440,7 +439,7 @@ def load_dataset(spec: str, root: Optional[str] = None) -> DatasetSplits:
     when the spec names none (``cifar10``), and the base of a relative DIR.
 
     ``digits``/``digits3``: scikit-learn's digits, split per class with seed 0 into 80% train / 20% test (the
-    test images are those of ``anp_fast.data.load_digits(seed=0)``'s test split)."""
+    test images are those of ``load_digits(seed=0)``'s test split)."""
     if not isinstance(spec, str) or not spec.strip():
         raise DataError(f"no data set given; use one of {SPEC_FORMS}")
     kind, _, rest = spec.strip().partition(":")
@@ -642,3 +641,57 @@ def digits_as_cifar(dir: Union[str, os.PathLike], seed: int = 0) -> str:
 
     return write_cifar(dir, pixels(d.train.x), d.train.y, pixels(d.test.x), d.test.y, kind="cifar10",
                        label_names=[str(i) for i in range(10)])
+
+
+# ------------------------------------------------------------------------------------------- the demo's digits
+@dataclass
+class Split:
+    x: Tensor
+    y: Tensor
+
+    def __len__(self):
+        return self.x.shape[0]
+
+
+@dataclass
+class DigitsSplits:
+    train: Split
+    clean: Split  # the defender's clean set: the attack never touches it
+    test: Split
+    num_classes: int = 10
+    holdout: Optional[Split] = None  # the defender's held-out clean split, to choose how much to prune
+
+
+def load_digits(size: int = 16, clean_fraction: float = 0.1, test_fraction: float = 0.2,
+                seed: int = 0, holdout_fraction: float = 0.0) -> DigitsSplits:
+    """scikit-learn's digits (1797 real 8x8 images shipped with scikit-learn), scaled to [0, 1] and
+    upsampled to ``size`` x ``size``, split reproducibly and per class into disjoint train/clean/test (and a
+    held-out clean split of ``holdout_fraction`` when > 0)."""
+    from sklearn.datasets import load_digits as sk_load_digits
+
+    raw = sk_load_digits()
+    x = torch.tensor(raw.images, dtype=torch.float32).unsqueeze(1) / 16.0
+    if size != 8:
+        x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False).clamp_(0, 1)
+    y = torch.tensor(raw.target, dtype=torch.long)
+    g = torch.Generator().manual_seed(seed)
+    parts = {"train": [], "clean": [], "test": []}
+    if holdout_fraction > 0:
+        parts["holdout"] = []
+    for c in range(10):
+        idx = (y == c).nonzero().flatten()
+        idx = idx[torch.randperm(len(idx), generator=g)]
+        n_test = round(len(idx) * test_fraction)
+        n_clean = round(len(idx) * clean_fraction)
+        n_hold = round(len(idx) * holdout_fraction)
+        parts["test"].append(idx[:n_test])
+        parts["clean"].append(idx[n_test:n_test + n_clean])
+        if "holdout" in parts:
+            parts["holdout"].append(idx[n_test + n_clean:n_test + n_clean + n_hold])
+        parts["train"].append(idx[n_test + n_clean + n_hold:])
+    splits = {}
+    for name, chunks in parts.items():
+        idx = torch.cat(chunks)
+        idx = idx[torch.randperm(len(idx), generator=g)]
+        splits[name] = Split(x[idx].contiguous(), y[idx].contiguous())
+    return DigitsSplits(**splits)

@@ -12,7 +12,7 @@ import torch
 
 from .attacks import parse_trigger, poison, triggered_test_set
 from .config import RUN, ANPConfig
-from .data import load_digits
+from .datasets import load_digits
 from .engine import Interrupted, optimize_masks
 from .errors import ANPError
 from .fileio import atomic_torch_save

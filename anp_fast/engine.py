@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .config import ANPConfig, check_device
-from .data import BatchSource, batch_source, check_labels
+from .batches import BatchSource, batch_source, check_labels
 from .errors import ConfigError, DivergenceError, Interrupted, ModelError  # noqa: F401  (Interrupted re-exported)
 from .graphs import StepGraph
 from .progress import progress_bar

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .config import ANPConfig
-from .data import EpochSource
+from .batches import EpochSource
 from .engine import ANPResult, optimize_masks
 from .errors import ConfigError, DataError
 from .fileio import atomic_torch_save

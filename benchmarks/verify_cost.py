@@ -19,7 +19,7 @@ import sys
 CHILD = r"""
 import json, sys, time, torch
 from anp_fast import ANPConfig, optimize_masks
-from anp_fast.data import load_digits
+from anp_fast.datasets import load_digits
 from anp_fast.models import resnet18
 from anp_fast.ops import verify
 iters, precision = int(sys.argv[1]), sys.argv[2]

@@ -254,7 +254,7 @@ def test_digits_as_cifar_loads_as_cifar10(tmp_path):
 
 
 def test_digits_specs():
-    from anp_fast.data import load_digits
+    from anp_fast.datasets import load_digits
 
     d = load_dataset("digits")
     assert (d.num_classes, d.in_channels, d.image_size) == (10, 1, (16, 16))
@@ -262,7 +262,7 @@ def test_digits_specs():
     assert (len(d.train), len(d.test)) == (1438, 359)
     x, y = d.train[0]
     assert x.shape == (1, 16, 16) and isinstance(y, int)
-    # the same test images as anp_fast.data.load_digits(seed=0)
+    # the same test images as anp_fast.datasets.load_digits(seed=0)
     ref = load_digits(seed=0).test
     mine = d.test.as_tensors()
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from anp_fast import ANPConfig
-from anp_fast.data import BatchSource
+from anp_fast.batches import BatchSource
 from anp_fast.engine import optimize_masks
 from anp_fast.errors import ConfigError
 from anp_fast.methods import METHODS, RNPConfig, learn_masks, register_method, rnp, unlearn

@@ -1,7 +1,7 @@
 """A finished demo run (DIR named sS_tT) as the demo saw it: model, masks and the demo's evaluator."""
 import torch
 from torch.utils.data import TensorDataset
-from anp_fast.data import load_digits
+from anp_fast.datasets import load_digits
 from anp_fast.attacks import parse_trigger, triggered_test_set
 from anp_fast.models import resnet18
 from anp_fast.maskfile import load_masks

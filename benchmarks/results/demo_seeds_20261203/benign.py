@@ -10,7 +10,7 @@ import torch
 from torch.utils.data import TensorDataset
 
 from anp_fast import ANPConfig, load_masks, optimize_masks, save_masks
-from anp_fast.data import load_digits
+from anp_fast.datasets import load_digits
 from anp_fast.models import resnet18
 from anp_fast.pipeline import Evaluator
 from anp_fast.pruning import prune

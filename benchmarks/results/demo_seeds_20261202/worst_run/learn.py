@@ -5,7 +5,7 @@ sys.path.insert(0, "..")
 from demo_run import load_run
 from anp_fast import ANPConfig, save_masks
 from anp_fast.engine import optimize_masks
-from anp_fast.data import load_digits
+from anp_fast.datasets import load_digits
 run, seed, iters, tag = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
 eps = float(sys.argv[5]) if len(sys.argv) > 5 else 0.4
 model, _, ev = load_run(run)

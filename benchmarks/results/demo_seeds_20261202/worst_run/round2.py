@@ -5,7 +5,7 @@ sys.path.insert(0, "..")
 from demo_run import load_run
 from anp_fast import ANPConfig, save_masks
 from anp_fast.engine import optimize_masks
-from anp_fast.data import load_digits
+from anp_fast.datasets import load_digits
 from anp_fast.pruning import prune, pruned_count
 from anp_fast.selection import walk
 run, seed = sys.argv[1], int(sys.argv[2]); iters = int(sys.argv[3]) if len(sys.argv) > 3 else 2000

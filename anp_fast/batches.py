@@ -1,4 +1,5 @@
-"""Clean data for the ANP loop (batches drawn with replacement) and the digits data set of the demo."""
+"""The clean batches the ANP loop draws (with replacement, seeded, resumable) from tensors, a Dataset or a
+DataLoader; the digits data sets are in :mod:`anp_fast.datasets`."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -205,56 +206,3 @@ def batch_source(clean_data, batch_size: int, iters: int, seed: int) -> BatchSou
         return DatasetSource(clean_data, batch_size, iters, seed)
     raise DataError("clean_data must be a Dataset, a DataLoader or an (images, labels) tensor pair; got "
                     f"{type(clean_data).__name__}")
-
-
-@dataclass
-class Split:
-    x: Tensor
-    y: Tensor
-
-    def __len__(self):
-        return self.x.shape[0]
-
-
-@dataclass
-class DigitsSplits:
-    train: Split
-    clean: Split  # the defender's clean set: the attack never touches it
-    test: Split
-    num_classes: int = 10
-    holdout: Optional[Split] = None  # the defender's held-out clean split, to choose how much to prune
-
-
-def load_digits(size: int = 16, clean_fraction: float = 0.1, test_fraction: float = 0.2,
-                seed: int = 0, holdout_fraction: float = 0.0) -> DigitsSplits:
-    """scikit-learn's digits (1797 real 8x8 images shipped with scikit-learn), scaled to [0, 1] and
-    upsampled to ``size`` x ``size``, split reproducibly and per class into disjoint train/clean/test (and a
-    held-out clean split of ``holdout_fraction`` when > 0)."""
-    from sklearn.datasets import load_digits as sk_load_digits
-
-    raw = sk_load_digits()
-    x = torch.tensor(raw.images, dtype=torch.float32).unsqueeze(1) / 16.0
-    if size != 8:
-        x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False).clamp_(0, 1)
-    y = torch.tensor(raw.target, dtype=torch.long)
-    g = torch.Generator().manual_seed(seed)
-    parts = {"train": [], "clean": [], "test": []}
-    if holdout_fraction > 0:
-        parts["holdout"] = []
-    for c in range(10):
-        idx = (y == c).nonzero().flatten()
-        idx = idx[torch.randperm(len(idx), generator=g)]
-        n_test = round(len(idx) * test_fraction)
-        n_clean = round(len(idx) * clean_fraction)
-        n_hold = round(len(idx) * holdout_fraction)
-        parts["test"].append(idx[:n_test])
-        parts["clean"].append(idx[n_test:n_test + n_clean])
-        if "holdout" in parts:
-            parts["holdout"].append(idx[n_test + n_clean:n_test + n_clean + n_hold])
-        parts["train"].append(idx[n_test + n_clean + n_hold:])
-    splits = {}
-    for name, chunks in parts.items():
-        idx = torch.cat(chunks)
-        idx = idx[torch.randperm(len(idx), generator=g)]
-        splits[name] = Split(x[idx].contiguous(), y[idx].contiguous())
-    return DigitsSplits(**splits)
