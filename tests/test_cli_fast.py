@@ -108,3 +108,11 @@ def test_anp_flags_are_generated_from_the_config_dataclass(monkeypatch):
     monkeypatch.setattr(cli, "ANPConfig", Extended)
     extended = {a.dest: a for a in cli.build_parser().purify._actions}
     assert extended["warmup"].default == 7 and extended["warmup"].help == "iterations before the masks move."
+
+
+def test_python_dash_m_anp_fast_is_the_command_line():
+    out = subprocess.run([sys.executable, "-m", "anp_fast", "--help"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and "purify" in out.stdout and "usage: anp-fast" in out.stdout, out.stderr[-500:]
+    out = subprocess.run([sys.executable, "-m", "anp_fast", "purify", "--no-such-flag"], capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 2 and "--no-such-flag" in out.stderr
