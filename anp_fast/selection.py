@@ -273,8 +273,8 @@ def pruned_set(masks: Mapping[str, Tensor], rule: Dict) -> frozenset:
 
 class StopRule:
     """An early stop for the mask loop (``optimize_masks(monitor=...)``): at every check the pruning rule is
-    applied to the current masks, and the run stops once the set it would prune has been the same at
-    ``patience`` + 1 consecutive checks. ``choose_rule(masks) -> {"number": K}`` (or any pruning rule)."""
+    applied to the current masks, and the run stops once the set it would prune has been the same, and not
+    empty, at ``patience`` + 1 consecutive checks. ``choose_rule(masks) -> {"number": K}`` (or any pruning rule)."""
 
     def __init__(self, choose_rule: Callable[[Dict[str, Tensor]], Dict], patience: int = 3):
         if isinstance(patience, bool) or not isinstance(patience, int) or patience < 1:
@@ -294,7 +294,9 @@ class StopRule:
         self.sets.append(current)
         self.checks.append({"iteration": iteration, "rule": rule, "pruned": len(current)})
         last = self.sets[-(self.patience + 1):]
-        return len(last) == self.patience + 1 and all(x == last[0] for x in last)
+        # an empty set is not a converged one: early in a run the rule often finds nothing to prune yet (on a
+        # BadNets matrix cell it chose 0 neurons at iterations 1000-1300 and would have stopped there, ASR 100%)
+        return len(last) == self.patience + 1 and bool(last[0]) and all(x == last[0] for x in last)
 
 
 def simulate_stop(model, masks, snapshots: Dict, evaluator, budget_points: float = RUN.budget,

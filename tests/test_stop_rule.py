@@ -22,6 +22,15 @@ def test_stop_rule_needs_the_same_set_patience_plus_one_times():
         StopRule(lambda m: {"number": 1}, patience=0)
 
 
+def test_an_empty_set_never_stops_the_run():
+    """Nothing to prune yet, however long it lasts, is not convergence (a matrix cell would have stopped at
+    iteration 1300 with nothing pruned, ASR 100%)."""
+    rule = StopRule(lambda m: {"number": 0}, patience=2)
+    assert not any(rule.observe(i, _masks([0.1, 0.5, 0.9, 0.3, 0.1])) for i in range(6))
+    rule = StopRule(lambda m: {"number": 1}, patience=2)
+    assert [rule.observe(i, _masks([0.1, 0.5, 0.9, 0.3, 0.2])) for i in range(3)] == [False, False, True]
+
+
 def test_monitor_ends_the_loop_early(tiny_resnet, tiny_batches):
     x = torch.cat([b[0] for b in tiny_batches])
     y = torch.cat([b[1] for b in tiny_batches])
