@@ -139,7 +139,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m anp_fast_bench.ops_bench", description=__doc__.split("\n\n")[0])
     p.add_argument("--backend", default=None, help="fused backend (default: the preferred one on the device)")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--dtypes", default="fp32,bf16")
+    p.add_argument("--dtypes", default="fp32,bf16", help=f"comma-separated, of {', '.join(DTYPES)}")
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--nchw", action="store_true", help="NCHW instead of channels_last")
     p.add_argument("--rounds", type=int, default=7)
@@ -147,7 +147,11 @@ def main(argv=None):
     args = p.parse_args(argv)
     device = torch.device(args.device)
     backend = args.backend or next(b for b in ops.backends("perturbed_batch_norm", device.type) if b != "eager")
-    rows = measure(backend, device, args.dtypes.split(","), args.batch, not args.nchw, args.rounds)
+    dtypes = [d.strip() for d in args.dtypes.split(",") if d.strip()]
+    unknown = [d for d in dtypes if d not in DTYPES]
+    if unknown or not dtypes:
+        p.error(f"--dtypes {args.dtypes!r}: valid: {', '.join(DTYPES)}")
+    rows = measure(backend, device, dtypes, args.batch, not args.nchw, args.rounds)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or "cpu")
     from anp_fast.ops import loaders
     variant = loaders.cpu_variant if backend == "cpp" else None  # which C++ CPU build ran (runtime dispatch)
