@@ -121,8 +121,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="how the masks are learned: anp (default) | rnp (Reconstructive Neuron Pruning: "
                              "unlearn a copy, learn masks on it, prune the original) | a registered method")
     purify.add_argument("--stop-patience", type=int, default=0, metavar="K",
-                        help="opt-in early stop: end the loop once the neurons the pruning rule would prune are "
-                             "some and have not changed over K checks (default: 0, off: the published fixed iteration count)")
+                        help="opt-in early stop: end the loop once the set of neurons the pruning rule would "
+                             "prune is not empty and has not changed over K checks (default: 0, off: the "
+                             "published fixed iteration count)")
     purify.add_argument("--stop-every", type=int, default=100, metavar="N",
                         help="with --stop-patience: check every N iterations (default: %(default)s)")
     purify.add_argument("--preset", default=None, choices=("published", "backdoorbench"),

@@ -20,7 +20,6 @@ ALL_DEVICES = ("cpu", "cuda", "mps", "xpu", "meta")
 
 # op name -> ordered {backend name: (implementation, device types)}; earlier entries are preferred.
 _REGISTRY: Dict[str, Dict[str, Tuple[Callable, Tuple[str, ...]]]] = {op: {} for op in OPS}
-_custom_ops: Dict[str, tuple] = {}  # backend -> (forward op, backward op) it is registered to
 _loaded = False
 _cpp_error: Optional[BaseException] = None  # why the C++ CPU kernels did not load (None: they did)
 _missing: Dict[str, BaseException] = {}  # compiled backend -> why it did not load
@@ -61,16 +60,12 @@ def _load_fused() -> None:
                                         ("cuda", cuda, cuda_error, ("cuda",)),
                                         ("cpp", cpp, _cpp_error, ("cpu",))):
         if kernels is not None:
-            fn, fwd, bwd = fused.define_batch_norm(name, kernels)
-            _custom_ops[name] = (fwd, bwd)
-            register("perturbed_batch_norm", name, fn, devices=devices)
+            register("perturbed_batch_norm", name, fused.define_batch_norm(name, kernels), devices=devices)
         else:
             _missing[name] = err
     layer_norm, _ = loaders.triton_layer_norm_kernels()
     if layer_norm is not None:
-        fn, fwd, bwd = fused.define_layer_norm("triton", layer_norm)
-        _custom_ops["triton_layer_norm"] = (fwd, bwd)
-        register("perturbed_layer_norm", "triton", fn, devices=("cuda",))
+        register("perturbed_layer_norm", "triton", fused.define_layer_norm("triton", layer_norm), devices=("cuda",))
 
 
 def backends(op: str, device_type: Optional[str] = None):
@@ -91,7 +86,11 @@ def custom_ops(backend: str, op: str = "perturbed_batch_norm"):
     """(forward, backward) custom ops ``backend`` is registered to for ``op`` (one pair per op, shared by every
     backend: their last argument names the backend)."""
     _load_fused()
-    return _custom_ops[backend if op == "perturbed_batch_norm" else f"{backend}_{op[len('perturbed_'):]}"]
+    from . import fused
+
+    if backend not in fused.KERNELS.get(op, {}):
+        raise KeyError(f"{op} has no compiled backend {backend!r} here")
+    return fused.CUSTOM_OPS[op]
 
 
 def resolve(op: str, device_type: str = "cpu", fused: bool = True) -> Callable:

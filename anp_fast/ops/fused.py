@@ -92,10 +92,10 @@ def _bn_backward(ctx, dy, _dmean, _drstd, _dvar):
 batch_norm_op.register_autograd(_bn_backward, setup_context=_bn_setup_context)
 
 
-def define_batch_norm(backend: str, kernels) -> Tuple[Callable, object, object]:
+def define_batch_norm(backend: str, kernels) -> Callable:
     """Register ``kernels`` (an object with ``supports``, and ``forward`` and ``backward`` of the contract above)
     as ``backend`` of ``anp_fast::perturbed_batch_norm``; returns the op-level function (the eager op's
-    signature plus ``residual``/``relu``) and the two custom ops (for opcheck: pass ``backend`` last)."""
+    signature plus ``residual``/``relu``)."""
     KERNELS["perturbed_batch_norm"][backend] = kernels
 
     def perturbed_batch_norm(x: Tensor, scale: Tensor, shift: Optional[Tensor], coef_w: Tensor, coef_b: Tensor,
@@ -135,7 +135,7 @@ def define_batch_norm(backend: str, kernels) -> Tuple[Callable, object, object]:
         return y
 
     perturbed_batch_norm.__doc__ = eager.perturbed_batch_norm.__doc__
-    return perturbed_batch_norm, batch_norm_op, batch_norm_backward_op
+    return perturbed_batch_norm
 
 
 # ------------------------------------------------------------------------------------------- layer norm
@@ -179,11 +179,15 @@ def _ln_backward(ctx, dy, _dmean, _drstd):
 
 layer_norm_op.register_autograd(_ln_backward, setup_context=_ln_setup_context)
 
+# op -> its (forward, backward) custom ops, shared by every backend registered to it (opcheck: backend last)
+CUSTOM_OPS = {"perturbed_batch_norm": (batch_norm_op, batch_norm_backward_op),
+              "perturbed_layer_norm": (layer_norm_op, layer_norm_backward_op)}
 
-def define_layer_norm(backend: str, kernels) -> Tuple[Callable, object, object]:
+
+def define_layer_norm(backend: str, kernels) -> Callable:
     """Register ``kernels`` (``supports``, ``forward(x2d, a, b, eps) -> (y, mean, rstd)`` and ``backward(dy, x2d,
     a, mean, rstd) -> (dx, sum_dyxh, sum_dy)``) as ``backend`` of ``anp_fast::perturbed_layer_norm``; returns
-    the op-level function (the eager op's signature) and the two custom ops (pass ``backend`` last)."""
+    the op-level function (the eager op's signature)."""
     KERNELS["perturbed_layer_norm"][backend] = kernels
 
     def perturbed_layer_norm(x: Tensor, normalized_shape, scale: Optional[Tensor], shift: Optional[Tensor],
@@ -205,4 +209,4 @@ def define_layer_norm(backend: str, kernels) -> Tuple[Callable, object, object]:
         return y.view(x.shape)
 
     perturbed_layer_norm.__doc__ = eager.perturbed_layer_norm.__doc__
-    return perturbed_layer_norm, layer_norm_op, layer_norm_backward_op
+    return perturbed_layer_norm
