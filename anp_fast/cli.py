@@ -53,6 +53,24 @@ def _add_config_flags(p: argparse.ArgumentParser, skip=("iters", "seed")) -> Non
                         "faults, faster on CPU (measured 4-9%% per iteration), resident size does not shrink")
 
 
+def config_argv(config: ANPConfig, skip=("iters", "seed")) -> List[str]:
+    """The flags that :func:`_add_config_flags` parses back into ``config`` (only the fields that differ from
+    the defaults): what a command records so that it can be run again."""
+    import dataclasses
+
+    argv = []
+    for field in dataclasses.fields(ANPConfig):
+        value = getattr(config, field.name)
+        if field.name in skip or value == field.default:
+            continue
+        flag = "--" + field.name.replace("_", "-")
+        if isinstance(value, bool):
+            argv.append(flag if value else "--no-" + flag[2:])
+        elif value is not None:
+            argv += [flag, str(value)]
+    return argv
+
+
 def _config_from(args, skip=("iters", "seed")) -> ANPConfig:
     return ANPConfig(**{name: getattr(args, name) for name in ANPConfig.field_names()
                         if name not in skip and hasattr(args, name)})

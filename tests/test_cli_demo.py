@@ -1,6 +1,7 @@
 """The anp-fast command line and the digits demo, end to end."""
 import json
 import os
+import shlex
 import subprocess
 import sys
 
@@ -81,12 +82,53 @@ def test_cli_errors_are_one_line(tmp_path, args, message):
     assert not os.path.exists(tmp_path / "o" / "summary.json")
 
 
-def test_a_later_demo_removes_the_stale_partial_masks(tmp_path):
-    """masks.partial.txt (left by an interrupted demo) must not outlive a later successful run in that folder."""
-    out = tmp_path / "demo"
-    assert main(["demo", "--out", str(out), "--iters", "3", "--epochs", "1", "--no-progress",
-                 "--threshold", "0.5"]) == 0
-    (out / "masks.partial.txt").write_text("stale")
-    assert main(["demo", "--out", str(out), "--iters", "3", "--epochs", "1", "--no-progress",
-                 "--threshold", "0.5", "--overwrite"]) == 0
-    assert not (out / "masks.partial.txt").exists()
+def test_the_demo_is_the_attack_and_purify_commands(tmp_path, monkeypatch, capsys):
+    """The demo calls `anp-fast attack` and `anp-fast purify` and prints them; run by hand, the printed commands
+    give the same checkpoint and the same masks."""
+    monkeypatch.chdir(tmp_path)
+    assert main(["demo", "--out", "d", "--iters", "4", "--epochs", "1", "--no-progress", "--threshold", "0.5",
+                 "--eps", "0.3", "--no-fullgraph"]) == 0
+    printed = [line[len("$ anp-fast "):] for line in capsys.readouterr().out.splitlines()
+               if line.startswith("$ anp-fast ")]
+    assert [p.split()[0] for p in printed] == ["attack", "purify"]
+    summary = json.loads((tmp_path / "d" / "summary.json").read_text())
+    for line, recorded in zip(printed, (summary["commands"]["attack"], summary["commands"]["purify"])):
+        assert shlex.split(line) == recorded[1:]
+    assert "--eps" in printed[1] and "--no-fullgraph" in printed[1] and summary["config"]["eps"] == 0.3
+    moved = {"d": "h", os.path.join("d", "backdoored.safetensors"): os.path.join("h", "backdoored.safetensors")}
+    by_hand = [[moved.get(arg, arg) for arg in shlex.split(line)] for line in printed]
+    assert by_hand[1][by_hand[1].index("--checkpoint") + 1] == "h/backdoored.safetensors"
+    for argv in by_hand:
+        assert main(argv + ["--no-progress"]) == 0
+    assert (tmp_path / "h" / "backdoored.pt").read_bytes() == (tmp_path / "d" / "backdoored.pt").read_bytes()
+    assert (tmp_path / "h" / "masks.txt").read_text() == (tmp_path / "d" / "masks.txt").read_text()
+    hand = json.loads((tmp_path / "h" / "report.json").read_text())
+    assert hand["after"] == summary["after"] and hand["pruned_neurons"] == summary["pruned_neurons"]
+
+
+def test_an_interrupted_demo_continues_with_purify_resume(tmp_path, monkeypatch, capsys):
+    """Ctrl-C during the demo's ANP loop saves the run state; `anp-fast purify --resume OUT` (from another
+    directory too) ends with the masks of an uninterrupted demo."""
+    from anp_fast.engine import ANPEngine
+
+    args = ["--iters", "6", "--epochs", "1", "--no-progress", "--threshold", "0.5"]
+    monkeypatch.chdir(tmp_path)
+    assert main(["demo", "--out", "full", *args]) == 0
+    real, calls = ANPEngine.draw_noise, []
+
+    def draw(self, *a):
+        calls.append(1)
+        if len(calls) == 4:
+            raise KeyboardInterrupt
+        real(self, *a)
+    monkeypatch.setattr(ANPEngine, "draw_noise", draw)
+    assert main(["demo", "--out", "cut", *args]) == 130
+    monkeypatch.undo()
+    assert "continue with --resume cut" in capsys.readouterr().out
+    assert not (tmp_path / "cut" / "masks.txt").exists()
+    os.makedirs(tmp_path / "elsewhere")
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    assert main(["purify", "--resume", str(tmp_path / "cut")]) == 0
+    assert (tmp_path / "cut" / "masks.txt").read_text() == (tmp_path / "full" / "masks.txt").read_text()
+    report = json.loads((tmp_path / "cut" / "report.json").read_text())
+    assert report["anp"]["resumed_at"] == 3
