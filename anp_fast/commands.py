@@ -22,7 +22,7 @@ from torch.utils.data import Subset
 from .config import RUN, ANPConfig
 from .config import check_device as _check_device
 from .errors import ConfigError, DataError, Interrupted
-from .evaluation import Evaluator, check_plausible, format_row, looks_memorized, tensors_of
+from .evaluation import Evaluator, check_plausible, format_row, memorization, tensors_of
 from .fileio import atomic_write_text
 from .inputs import (asr_dataset, check_out, check_rule, check_rule_fits, load_model_and_data, make_out,
                      make_trigger_spec, parse_prune_rule)
@@ -144,12 +144,13 @@ def run_purify(*, arch: str, checkpoint: str, data: str, out: str, config: ANPCo
     before = evaluator(model)
     log(f"{arch} on {splits.name} (normalisation {loaded.normalization.describe()}): {len(clean_idx)} clean images "
         f"for ANP, {len(holdout_idx)} held out, {len(splits.test)} test; before: " + format_row(before))
-    if rule.get("auto") and looks_memorized(before):
+    memorized = memorization(model, evaluator, before) if rule.get("auto") else None
+    if memorized and memorized["memorized"]:
         log(f"warning: the held-out clean images look memorized (accuracy {100 * before['holdout_acc']:.1f}%, mean "
-            f"loss {before['holdout_loss']:.4f}): they were probably part of the model's training data. Their "
-            "accuracy then drops later than on unseen images and --prune auto over-prunes; give clean images the "
-            "model has not seen (anp-fast attack --reserve-clean N keeps them out of training), or a smaller "
-            "--budget")
+            f"loss of the right ones {memorized['holdout_fit']:.4f} against {memorized['test_fit']:.4f} on the test "
+            "split): they were probably part of the model's training data. Their accuracy then drops later than on "
+            "unseen images and --prune auto over-prunes; give clean images the model has not seen (anp-fast attack "
+            "--reserve-clean N keeps them out of training), or a smaller --budget")
     if command is not None:  # what `--resume DIR` needs to rerun this command (not a result file)
         atomic_write_text(os.path.join(out, COMMAND_FILE), json.dumps(command, indent=1))
     in_memory = getattr(splits, "in_memory", not data.startswith("imagefolder"))
@@ -189,7 +190,7 @@ def run_purify(*, arch: str, checkpoint: str, data: str, out: str, config: ANPCo
                        extra={"pruned": n_pruned, **after}, title=f"pruning {arch} on {splits.name}")
     report = {
         "kind": "anp-fast purify", "arch": arch, "arch_args": arch_args or {}, "checkpoint": checkpoint,
-        "data": data, "normalization": loaded.normalization.to_dict(), "plausibility": plausible, "sizes": {"clean": len(clean_idx), "holdout": len(holdout_idx), "test": len(splits.test)},
+        "data": data, "normalization": loaded.normalization.to_dict(), "plausibility": plausible, "memorization": memorized, "sizes": {"clean": len(clean_idx), "holdout": len(holdout_idx), "test": len(splits.test)},
         "trigger": trigger, "target": target, "prune": prune_rule, "chosen": chosen, "choice": choice,
         "budget_points": budget,
         "before": before, "after": after, "pruned_neurons": n_pruned, "neurons": result.num_neurons,

@@ -2,6 +2,7 @@
 CIFAR-format data for every registry architecture and three torchvision models, resume from the CLI, and one
 clear error line with exit code 2 for each bad input -- with no user file lost or half-written."""
 import json
+import math
 import os
 
 import pytest
@@ -467,3 +468,39 @@ def test_the_old_pipeline_module_still_serves_older_imports():
     assert pipeline.run_purify is commands.run_purify and pipeline.run_attack is commands.run_attack
     assert pipeline.Evaluator is evaluation.Evaluator and pipeline.load_model_and_data is inputs.load_model_and_data
     assert set(pipeline.__all__) <= set(dir(pipeline))
+
+
+class _Confident(torch.nn.Module):
+    """Logits margin * onehot(label), both read from the image: x[:, 0, 0, 0] the label, x[:, 0, 0, 1] the
+    margin (the cross-entropy of a right answer is log(1 + 9 exp(-margin)))."""
+
+    def forward(self, x):
+        return x[:, 0, 0, 1:2] * torch.nn.functional.one_hot(x[:, 0, 0, 0].long(), 10).float()
+
+
+def _margin_set(margins, wrong=0):
+    from torch.utils.data import TensorDataset
+
+    n = len(margins)
+    y = torch.arange(n) % 10
+    x = torch.zeros(n, 1, 2, 2)
+    x[:, 0, 0, 0] = y.float()
+    x[:wrong, 0, 0, 0] = ((y[:wrong] + 1) % 10).float()  # the first `wrong` images are misclassified
+    x[:, 0, 0, 1] = torch.tensor(margins, dtype=torch.float32)
+    return TensorDataset(x, y)
+
+
+@pytest.mark.parametrize("held,test,wrong,memorized", [
+    (10.0, 6.0, 0, True),    # held out fitted 50x tighter than unseen test images: trained on
+    (8.0, 8.0, 0, False),    # as tight as the test split (an easy data set, the digits demo): not memorized
+    (6.0, 9.0, 0, False),    # loose fit (0.022 nats)
+    (10.0, 6.0, 3, False),   # 3 of 100 wrong: below 99% accuracy
+])
+def test_memorized_held_out_images_are_told_apart_from_an_easy_data_set(held, test, wrong, memorized):
+    from anp_fast.evaluation import Evaluator, memorization
+
+    evaluator = Evaluator(torch.device("cpu"), _margin_set([test] * 60), _margin_set([held] * 100, wrong))
+    model = _Confident()
+    found = memorization(model, evaluator, evaluator(model))
+    assert found["memorized"] is memorized, found
+    assert found["holdout_fit"] == pytest.approx(math.log1p(9 * math.exp(-held)), rel=1e-3)  # fp32 logits
