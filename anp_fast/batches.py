@@ -37,6 +37,14 @@ class BatchSource:
     labels: Optional[Tensor] = None
     exact_resume = True  # restore() reproduces the batches an uninterrupted run would have drawn
     start = 0
+    part: Optional[slice] = None  # several processes: this one's slice of every global batch (see shard)
+    batch_size: Optional[int] = None  # the global batch size, when every batch has it
+
+    def shard(self, part: slice) -> bool:
+        """Yield only ``part`` of every global batch (the same draws as unsharded, so every process sees its
+        slice of the same batch and the state resumes under any number of processes); False if this source
+        cannot (the caller then slices whole batches)."""
+        return False
 
     def __iter__(self) -> Iterator[Tuple[Tensor, Tensor]]:
         raise NotImplementedError
@@ -67,10 +75,16 @@ class TensorPairSource(BatchSource):
         self.generator.set_state(state)
         self.start = start
 
+    def shard(self, part: slice) -> bool:
+        self.part = part
+        return True
+
     def __iter__(self):
         n = self.x.shape[0]
         for _ in range(self.start, self.iters):
             idx = torch.randint(n, (self.batch_size,), generator=self.generator)
+            if self.part is not None:
+                idx = idx[self.part]
             if not self.on_host:
                 idx = idx.to(self.x.device)
             yield self.x[idx], self.y[idx]
@@ -80,8 +94,9 @@ class _SeededBatches(Sampler):
     """Index batches drawn with replacement, batch i from a generator seeded by (seed, i): any iteration's batch
     is known without drawing the ones before it, so a resumed run (and DataLoader workers) see the same data."""
 
-    def __init__(self, n: int, batch_size: int, seed: int, start: int, iters: int):
+    def __init__(self, n: int, batch_size: int, seed: int, start: int, iters: int, part: Optional[slice] = None):
         self.n, self.batch_size, self.seed, self.start, self.iters = n, batch_size, seed, start, iters
+        self.part = part
 
     def __len__(self):
         return self.iters - self.start
@@ -90,7 +105,8 @@ class _SeededBatches(Sampler):
         g = torch.Generator()
         for i in range(self.start, self.iters):
             g.manual_seed(self.seed * 1_000_003 + i)
-            yield torch.randint(self.n, (self.batch_size,), generator=g).tolist()
+            idx = torch.randint(self.n, (self.batch_size,), generator=g)
+            yield (idx if self.part is None else idx[self.part]).tolist()
 
 
 class DatasetSource(BatchSource):
@@ -100,8 +116,12 @@ class DatasetSource(BatchSource):
         self.dataset, self.batch_size, self.iters, self.seed = dataset, batch_size, iters, seed
         self.num_workers = num_workers
 
+    def shard(self, part: slice) -> bool:
+        self.part = part
+        return True
+
     def __iter__(self):
-        sampler = _SeededBatches(len(self.dataset), self.batch_size, self.seed, self.start, self.iters)
+        sampler = _SeededBatches(len(self.dataset), self.batch_size, self.seed, self.start, self.iters, self.part)
         loader = DataLoader(self.dataset, batch_sampler=sampler, num_workers=self.num_workers)
         for batch in loader:
             yield _as_pair(batch)

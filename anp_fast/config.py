@@ -76,6 +76,14 @@ class ANPConfig:
         kernel is available; False: the eager ops, which reproduce the published loop bit for bit).
     cuda_graphs: capture one iteration (after the noise draw) as a CUDA graph and replay it (CUDA only; the
         first two iterations run uncaptured to warm up). Off by default until measured on a GPU.
+
+    Several processes (torch.distributed, :mod:`anp_fast.distributed`):
+    distributed: run ONE loop data-parallel over the initialised default process group, with the result of a
+        single process (None: whenever one of more than one process is initialised; False: each process runs
+        its own loop).
+    local_statistics: with distributed, normalise each process's slice of the batch with its own batch
+        statistics (as DDP without SyncBatchNorm) instead of the global batch's: faster, but the masks then
+        differ from a single process's and change with the number of processes.
     """
 
     eps: float = 0.4
@@ -97,6 +105,8 @@ class ANPConfig:
     fullgraph: bool = True
     fused_kernels: Optional[bool] = None
     cuda_graphs: bool = False
+    distributed: Optional[bool] = None
+    local_statistics: bool = False
 
     def __post_init__(self):
         def bad(field, why):
@@ -129,10 +139,10 @@ class ANPConfig:
         integer("seed", 0)
         if self.seed >= 2 ** 63:
             bad("seed", "must be < 2**63 (torch generators take a 64-bit seed)")
-        for field in ("project_noise", "fullgraph", "cuda_graphs"):
+        for field in ("project_noise", "fullgraph", "cuda_graphs", "local_statistics"):
             if not isinstance(getattr(self, field), bool):
                 bad(field, "must be True or False")
-        for field in ("channels_last", "merge_passes", "compile", "fused_kernels"):
+        for field in ("channels_last", "merge_passes", "compile", "fused_kernels", "distributed"):
             if getattr(self, field) not in (None, True, False):
                 bad(field, "must be True, False or None (automatic)")
         for field, allowed in (("layers", LAYER_POLICIES), ("train_mode", TRAIN_MODES),

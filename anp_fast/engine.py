@@ -56,10 +56,15 @@ class ANPEngine:
     ``noise_init(noise_w, noise_b, eps)`` fills the flat noise tensors in place at the start of each
     iteration; the default draws U(-eps, eps) from a generator seeded by ``config.seed``. Pass your own to
     replay recorded draws.
+
+    Under an initialised process group of several processes (``config.distributed``, :mod:`anp_fast.distributed`)
+    every process calls ``step`` with the same GLOBAL batch (or its own slice and the global size ``total``):
+    the processes together take the step one process would take on the whole batch. ``collective``: the
+    group to run over (default: the initialised default group, when ``config.distributed`` allows).
     """
 
     def __init__(self, model: nn.Module, config: Optional[ANPConfig] = None,
-                 noise_init: Optional[NoiseInit] = None):
+                 noise_init: Optional[NoiseInit] = None, collective=None):
         self.config = cfg = config if config is not None else ANPConfig()
         if not isinstance(cfg, ANPConfig):
             raise ConfigError(f"config must be an ANPConfig, got {type(cfg).__name__}")
@@ -69,6 +74,19 @@ class ANPEngine:
             self.model = perturb_model(model, cfg.layers, device=_device_of(cfg, model))
         self.device = self.model.state.device
         self.model.state.fused = cfg.fused_kernels is not False
+        if collective is None and cfg.distributed is not False:
+            from .distributed import current
+
+            collective = current(cfg.local_statistics)
+        self.collective = collective
+        self.total: Optional[int] = None  # the global batch size of the current step (several processes)
+        if collective is not None:
+            if cfg.cuda_graphs:
+                raise ConfigError("ANPConfig.cuda_graphs is not supported with several processes yet")
+            if cfg.compile:
+                raise ConfigError("ANPConfig.compile is not supported with several processes yet (the batch "
+                                  "statistics' collectives break the graph)")
+            self.model.state.sync = collective.batch_norm_group
         net = self.model.net
         self.channels_last = cfg.channels_last if cfg.channels_last is not None else any(
             isinstance(m, nn.Conv2d) for m in net.modules())
@@ -76,7 +94,7 @@ class ANPEngine:
             net.to(memory_format=torch.channels_last)
         on_gpu = self.device.type == "cuda"
         self.merge_passes = cfg.merge_passes if cfg.merge_passes is not None else on_gpu
-        self.compiled = cfg.compile if cfg.compile is not None else on_gpu
+        self.compiled = cfg.compile if cfg.compile is not None else (on_gpu and collective is None)
         self.forward = torch.compile(net, dynamic=False, fullgraph=cfg.fullgraph) if self.compiled else net
         self.momentum_buffer = torch.zeros_like(self.state.mask)
         self.generator = torch.Generator(device=self.device)
@@ -131,7 +149,13 @@ class ANPEngine:
         return logits
 
     def _cross_entropy(self, x: Tensor, y: Tensor) -> Tensor:
-        return F.cross_entropy(self._logits(x, y).float(), y)
+        return self._loss(self._logits(x, y), y)
+
+    def _loss(self, logits: Tensor, y: Tensor) -> Tensor:
+        """The mean cross-entropy; with several processes, this process's share of the global batch's."""
+        if self.collective is None:
+            return F.cross_entropy(logits.float(), y)
+        return F.cross_entropy(logits.float(), y, reduction="sum") / self.total
 
     def noise_step(self, x: Tensor, y: Tensor) -> None:
         """Draw d, e and take ``steps`` signed-gradient ascent steps on them (the mask held fixed)."""
@@ -160,6 +184,8 @@ class ANPEngine:
                 grad_w, grad_b = torch.autograd.grad(loss, (noise_w, noise_b), allow_unused=True,
                                                      materialize_grads=True)
                 with torch.no_grad():
+                    if self.collective is not None:  # the global batch's gradient, before its sign
+                        self.collective.all_reduce_((grad_w, grad_b))
                     noise_w.add_(grad_w.sign(), alpha=-lr)
                     noise_b.add_(grad_b.sign(), alpha=-lr)
                     if cfg.project_noise:
@@ -185,8 +211,8 @@ class ANPEngine:
                                        torch.stack((torch.ones_like(perturbed_b), perturbed_b)))
                 logits = self._logits(torch.cat((x, x)), y).float()
                 batch = x.shape[0]
-                loss_nat = F.cross_entropy(logits[:batch], y)
-                loss_rob = F.cross_entropy(logits[batch:], y)
+                loss_nat = self._loss(logits[:batch], y)
+                loss_rob = self._loss(logits[batch:], y)
             else:
                 state.set_coefficients(perturbed_w.unsqueeze(0), perturbed_b.unsqueeze(0))
                 loss_rob = self._cross_entropy(x, y)
@@ -202,6 +228,8 @@ class ANPEngine:
         finally:
             mask.requires_grad_(False)
             self.state.use_clean()
+        if self.collective is not None:
+            self.collective.all_reduce_((grad,))
         return grad
 
     def update(self, grad: Tensor) -> None:
@@ -237,12 +265,29 @@ class ANPEngine:
         self.iteration += 1
         return loss
 
-    def step(self, x: Tensor, y: Tensor) -> Tensor:
-        """One ANP iteration on the batch (x, y); returns the mask loss (a detached device tensor)."""
+    def step(self, x: Tensor, y: Tensor, total: Optional[int] = None) -> Tensor:
+        """One ANP iteration on the batch (x, y); returns the mask loss (a detached device tensor).
+
+        With several processes: (x, y) is the global batch, the same on every process (each takes its slice),
+        or, with ``total`` (the global batch size), this process's slice already; the loss returned is then
+        this process's share (the shares sum to the loss)."""
+        x, y = self.shard(x, y, total)
         x, y = self.prepare(x, y)
         if self.graphs is not None:
             return self.graphs.step(x, y)
         return self.run_uncaptured(x, y)
+
+    def shard(self, x: Tensor, y: Tensor, total: Optional[int] = None):
+        """This process's slice of a global batch (``total`` given: (x, y) is the slice already); sets the
+        global batch size the losses are shares of. One process: (x, y) unchanged."""
+        if self.collective is None:
+            return x, y
+        if total is None:
+            total = x.shape[0]
+            part = self.collective.part(total)
+            x, y = x[part], y[part]
+        self.total = total
+        return x, y
 
     def masks(self) -> Dict[str, Tensor]:
         """``{qualified name of the layer in the ORIGINAL model: 1-D mask}`` (copies)."""
@@ -313,6 +358,11 @@ def optimize_masks(model: nn.Module, clean_data, config: Optional[ANPConfig] = N
         raise ConfigError(f"monitor_every={monitor_every!r}: must be an integer >= 1")
     engine = engine if engine is not None else ANPEngine(model, config, noise_init=noise_init)
     source: BatchSource = batch_source(clean_data, config.batch_size, config.iters, config.seed)
+    collective = engine.collective
+    total = None  # several processes: the global batch size when the source yields this process's slice
+    if collective is not None and source.batch_size is not None and source.shard(collective.part(source.batch_size)):
+        total = source.batch_size
+    lead = collective is None or collective.rank == 0  # the process that writes and shows progress
     history = torch.zeros(config.iters, device=engine.device)
     start_it = 0
     if resume and state_path is not None and os.path.exists(state_path):
@@ -325,6 +375,8 @@ def optimize_masks(model: nn.Module, clean_data, config: Optional[ANPConfig] = N
 
     def check(upto: int):
         nonlocal checked
+        if collective is not None and upto > checked:  # each process holds its share of every loss
+            history[checked:upto] = collective.sum(history[checked:upto])
         window = history[checked:upto]
         bad = ~torch.isfinite(window)
         if bool(bad.any()):
@@ -333,6 +385,8 @@ def optimize_masks(model: nn.Module, clean_data, config: Optional[ANPConfig] = N
         checked = upto
 
     def save(done: int, source_state) -> None:
+        if not lead:
+            return
         save_run_state(state_path, done, engine.state_dict(), source_state, history[:done], config)
 
     stopped_at = None
@@ -344,7 +398,8 @@ def optimize_masks(model: nn.Module, clean_data, config: Optional[ANPConfig] = N
                           "resumed_at": start_it, "stopped_at": stopped_at},
                          config, engine.state.size, [s.name for s in engine.state.slots])
 
-    bar = progress_bar(total=config.iters, initial=start_it, desc="ANP masks", unit="it", disable=not progress)
+    bar = progress_bar(total=config.iters, initial=start_it, desc="ANP masks", unit="it",
+                       disable=not (progress and lead))
     start = time.perf_counter()
     done = start_it
     source_state = source.state()  # the data RNG state before the batch of iteration `done`
@@ -356,7 +411,7 @@ def optimize_masks(model: nn.Module, clean_data, config: Optional[ANPConfig] = N
             if state_path is not None:
                 snapshot = (engine.state.mask.clone(), engine.momentum_buffer.clone(), engine.generator.get_state(),
                             engine.iteration)
-            history[it] = engine.step(x, y)
+            history[it] = engine.step(x, y, total)
             snapshot = None
             done = it + 1
             source_state = source.state()

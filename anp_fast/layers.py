@@ -36,7 +36,8 @@ def _batch_norm_forward(self, x: Tensor, residual: Optional[Tensor] = None, relu
     return ops.perturbed_batch_norm(
         x, self.weight, self.bias, coef_w, coef_b,
         None if use_batch_stats else self.running_mean, None if use_batch_stats else self.running_var,
-        use_batch_stats, 0.0, self.eps, residual=residual, relu=relu, fused=self._anp_state.fused)
+        use_batch_stats, 0.0, self.eps, residual=residual, relu=relu, fused=self._anp_state.fused,
+        sync=self._anp_state.sync if use_batch_stats else None)
 
 
 def _layer_norm_forward(self, x: Tensor) -> Tensor:

@@ -36,6 +36,7 @@ class MaskState:
         self.coef_w: Optional[Tensor] = None
         self.coef_b: Optional[Tensor] = None
         self.fused = True  # layers run the fused kernels where available (False: the eager ops)
+        self.sync = None  # a process group: the batch norms take their batch statistics over all its ranks
 
     @property
     def device(self):

@@ -130,7 +130,13 @@ for _op in OPS:
     register(_op, "eager", getattr(eager, _op))
 
 
-def perturbed_batch_norm(x, *args, fused: bool = True, **kwargs):
+def perturbed_batch_norm(x, *args, fused: bool = True, sync=None, **kwargs):
+    """``sync``: a process group whose ranks' batches together are the batch (their batch statistics are
+    reduced across it: :mod:`anp_fast.ops.synced`, eager for now)."""
+    if sync is not None:
+        from . import synced
+
+        return synced.perturbed_batch_norm(x, *args, group=sync, **kwargs)
     return resolve("perturbed_batch_norm", x.device.type, fused)(x, *args, **kwargs)
 
 
@@ -146,7 +152,7 @@ def perturbed_channel_gate(z, *args, fused: bool = True, **kwargs):
     return resolve("perturbed_channel_gate", z.device.type, fused)(z, *args, **kwargs)
 
 
-perturbed_batch_norm.__doc__ = eager.perturbed_batch_norm.__doc__
+perturbed_batch_norm.__doc__ = eager.perturbed_batch_norm.__doc__ + "\n\n" + perturbed_batch_norm.__doc__
 perturbed_layer_norm.__doc__ = eager.perturbed_layer_norm.__doc__
 perturbed_group_norm.__doc__ = eager.perturbed_group_norm.__doc__
 perturbed_channel_gate.__doc__ = eager.perturbed_channel_gate.__doc__

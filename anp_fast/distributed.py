@@ -1,0 +1,104 @@
+"""One ANP loop over N processes with torch.distributed, with the result of a single process.
+
+Data-parallel semantics (the default): every rank draws the SAME global batch of ``batch_size`` from the same
+seeded sampler and takes its own contiguous slice (:meth:`Collective.part`: uneven splits allowed); the noise
+draw is the same on every rank (same seed); each rank's losses are its images' summed cross-entropy over the
+GLOBAL batch size, so the gradients summed across ranks are the single process's; the noise-ascent gradient is
+summed BEFORE its sign is taken and the mask gradient before the update, so every rank takes the same step.
+The batch statistics of every perturbed BatchNorm are the global batch's (the op layer gathers the per-channel
+moments in the forward pass and sums the two per-channel gradients in the backward pass, as SyncBatchNorm
+does). LayerNorm, GroupNorm and gates need no collective.
+
+``ANPConfig.local_statistics=True`` instead normalises each rank's slice with its own statistics (what DDP
+without SyncBatchNorm does): one collective fewer per BatchNorm and pass, but the masks are no longer the
+single process's: the statistics of a slice of B/N images are noisier than those of B images, the noise
+ascent and the mask step see a different function, and the result changes with N.
+
+A single-process run never touches any of this: :func:`current` is None unless a process group of more than
+one process is initialised.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any, Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from .errors import ConfigError
+
+
+@dataclass(frozen=True)
+class Collective:
+    """The process group an ANP loop runs over: this process's ``rank`` of ``world``."""
+
+    group: Any
+    rank: int
+    world: int
+    local_statistics: bool = False
+
+    def part(self, n: int) -> slice:
+        """This rank's contiguous slice of a global batch of ``n`` (sizes differ by at most one)."""
+        if n < self.world:
+            raise ConfigError(f"a batch of {n} cannot be split over {self.world} processes (one image each at "
+                              "least): give a larger batch size or fewer processes")
+        return slice(n * self.rank // self.world, n * (self.rank + 1) // self.world)
+
+    def all_reduce_(self, tensors: Sequence[Tensor]) -> None:
+        """Sum each tensor across the ranks, in place, with ONE collective."""
+        import torch.distributed as dist
+
+        flat = torch.cat([t.reshape(-1) for t in tensors])
+        dist.all_reduce(flat, group=self.group)
+        offset = 0
+        for t in tensors:
+            t.copy_(flat[offset:offset + t.numel()].view_as(t))
+            offset += t.numel()
+
+    def sum(self, t: Tensor) -> Tensor:
+        """The sum of ``t`` across the ranks (a new tensor)."""
+        out = t.clone()
+        self.all_reduce_([out])
+        return out
+
+    @property
+    def batch_norm_group(self):
+        """What the perturbed BatchNorm reduces its statistics over (None: each rank's own slice)."""
+        return None if self.local_statistics else self.group
+
+
+def current(local_statistics: bool = False) -> Optional[Collective]:
+    """The initialised default process group as a :class:`Collective`, or None (not initialised, or one
+    process)."""
+    if not torch.distributed.is_available() or not torch.distributed.is_initialized():
+        return None
+    dist = torch.distributed
+    world = dist.get_world_size()
+    if world == 1:
+        return None
+    return Collective(dist.group.WORLD, dist.get_rank(), world, local_statistics)
+
+
+def launched() -> bool:
+    """Whether this process was started by a launcher (torchrun, torch.distributed.run) as one of several."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def init_from_env() -> bool:
+    """Initialise the default process group from a launcher's environment (RANK, WORLD_SIZE, MASTER_ADDR, ...)
+    when started as one of several processes and none is initialised yet; gloo for CPU tensors, NCCL for CUDA
+    ones. Returns whether this call initialised it."""
+    if not launched() or torch.distributed.is_initialized():
+        return False
+    backend = "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
+    torch.distributed.init_process_group(backend=backend)
+    if torch.cuda.is_available() and "LOCAL_RANK" in os.environ:
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+    return True
+
+
+def rank() -> int:
+    """This process's rank (0 without a process group)."""
+    c = current()
+    return 0 if c is None else c.rank
