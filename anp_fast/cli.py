@@ -130,6 +130,10 @@ def build_parser() -> argparse.ArgumentParser:
                              "file: also report the attack success rate (never used to choose)")
     purify.add_argument("--target", type=int, default=None, help="the backdoor's target class (with --trigger)")
     purify.add_argument("--save-every", type=int, default=0, help="save the run state every N iterations")
+    purify.add_argument("--nproc", type=int, default=1,
+                        help="processes to run ANP over (torch.distributed; default 1). Starts them through torch's "
+                             "launcher as `torchrun --nproc-per-node N -m anp_fast purify ...` would; each gets "
+                             "cores/N threads unless OMP_NUM_THREADS is set")
     purify.add_argument("--resume", metavar="DIR", default=None,
                         help="continue the run whose state is in DIR (its other arguments are read from there)")
     purify.add_argument("--sample-with-replacement", action="store_true",
@@ -440,10 +444,14 @@ def main(argv: Optional[List[str]] = None) -> int:
 
         if not keep_freed_memory():
             print("anp-fast: --keep-freed-memory is not available here (glibc malloc only); ignored", file=sys.stderr)
+    if args.command == "purify" and getattr(args, "nproc", 1) != 1 and not _launched():
+        return _launch(args.nproc, given)
+    started = _launched() and _init_process_group()
+    who = f" (rank {os.environ.get('RANK', '?')})" if _launched() and os.environ.get("RANK") != "0" else ""
     try:
         return commands[args.command](args)
     except ANPError as exc:
-        print(f"anp-fast: error: {exc}", file=sys.stderr)
+        print(f"anp-fast: error{who}: {exc}", file=sys.stderr)
         return 2
     except Interrupted:
         print("anp-fast: interrupted", file=sys.stderr)
@@ -451,6 +459,57 @@ def main(argv: Optional[List[str]] = None) -> int:
     except KeyboardInterrupt:  # Ctrl-C outside the ANP loop (loading, sweeps, training): every file is atomic
         print("anp-fast: interrupted (no output half-written)", file=sys.stderr)
         return 130
+    finally:
+        if started:
+            import torch.distributed
+
+            torch.distributed.destroy_process_group()
+
+
+def _launched() -> bool:
+    """Started by a launcher (torchrun, --nproc) as one of several processes."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def _init_process_group() -> bool:
+    from .distributed import init_from_env
+
+    return init_from_env()
+
+
+def _launch(nproc: int, argv: List[str]) -> int:
+    """Run this command line in ``nproc`` processes through torch's elastic launcher (what torchrun
+    --standalone does), without --nproc; rank 0 reports."""
+    import uuid
+
+    if nproc < 1:
+        raise SystemExit(f"anp-fast: error: --nproc {nproc}: must be >= 1")
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    rest, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--nproc":
+            skip = True
+        elif not arg.startswith("--nproc="):
+            rest.append(arg)
+    if "OMP_NUM_THREADS" not in os.environ:  # the launched processes share this one's cores
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        os.environ["OMP_NUM_THREADS"] = str(max(1, cores // nproc))
+    config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=str(uuid.uuid4()),
+                          rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=0, monitor_interval=0.5)
+    try:
+        elastic_launch(config, sys.executable)("-m", "anp_fast", *rest)
+    except ChildFailedError as exc:
+        failures = exc.failures
+        first = min(failures.values(), key=lambda f: f.timestamp) if failures else None
+        code = first.exitcode if first is not None else 1
+        print(f"anp-fast: error: {len(failures)} of {nproc} processes failed (first: rank "
+              f"{first.global_rank if first else '?'}, exit code {code})", file=sys.stderr)
+        return code if isinstance(code, int) and code > 0 else 1
+    return 0
 
 
 if __name__ == "__main__":

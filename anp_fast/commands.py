@@ -76,12 +76,20 @@ def run_purify(*, arch: str, checkpoint: str, data: str, out: str, config: ANPCo
     pruning rule is applied to the current masks, and the loop ends once the set it would prune has not changed
     over K checks. ``normalize``: the input normalisation (:mod:`anp_fast.normalization`; default: the
     checkpoint's recorded one, else the data set's). ``force``: go on when the loaded checkpoint fails the
-    plausibility check (:func:`check_plausible`)."""
+    plausibility check (:func:`check_plausible`).
+
+    Under a process group of several processes (torchrun, ``--nproc``) every process runs this with the same
+    arguments: they learn the masks together (:mod:`anp_fast.distributed`); rank 0 alone logs, writes the
+    outputs and the run state, and returns the report; the other ranks return None after the loop."""
     from .methods import METHODS
     from .checkpoint import save_checkpoint
     from .datasets import clean_split
+    from .distributed import rank
 
     t_start = time.perf_counter()
+    lead = rank() == 0
+    if not lead:
+        log, progress = (lambda *args, **kwargs: None), False
     rule = parse_prune_rule(prune_rule)
     if rule.get("auto"):
         rule["budget"] = budget
@@ -140,18 +148,19 @@ def run_purify(*, arch: str, checkpoint: str, data: str, out: str, config: ANPCo
     for note in loaded.notes:
         log(note)
     plausible = check_plausible(model, loaded, device, checkpoint, force, log, workers)
-    make_out(out)  # every input checked: from here on files are written (each atomically)
-    before = evaluator(model)
+    if lead:
+        make_out(out)  # every input checked: from here on files are written (each atomically)
+    before = evaluator(model) if lead else {}
     log(f"{arch} on {splits.name} (normalisation {loaded.normalization.describe()}): {len(clean_idx)} clean images "
-        f"for ANP, {len(holdout_idx)} held out, {len(splits.test)} test; before: " + format_row(before))
-    memorized = memorization(model, evaluator, before) if rule.get("auto") else None
+        f"for ANP, {len(holdout_idx)} held out, {len(splits.test)} test; before: " + (format_row(before) if lead else ""))
+    memorized = memorization(model, evaluator, before) if rule.get("auto") and lead else None
     if memorized and memorized["memorized"]:
         log(f"warning: the held-out clean images look memorized (accuracy {100 * before['holdout_acc']:.1f}%, mean "
             f"loss of the right ones {memorized['holdout_fit']:.4f} against {memorized['test_fit']:.4f} on the test "
             "split): they were probably part of the model's training data. Their accuracy then drops later than on "
             "unseen images and --prune auto over-prunes; give clean images the model has not seen (anp-fast attack "
             "--reserve-clean N keeps them out of training), or a smaller --budget")
-    if command is not None:  # what `--resume DIR` needs to rerun this command (not a result file)
+    if command is not None and lead:  # what `--resume DIR` needs to rerun this command (not a result file)
         atomic_write_text(os.path.join(out, COMMAND_FILE), json.dumps(command, indent=1))
     in_memory = getattr(splits, "in_memory", not data.startswith("imagefolder"))
     clean_data = tensors_of(clean) if in_memory else clean
@@ -174,6 +183,8 @@ def run_purify(*, arch: str, checkpoint: str, data: str, out: str, config: ANPCo
         log(f"interrupted after {len(stop.result.loss_history)} iterations; the state is in {out}: "
             f"continue with --resume {out}")
         raise
+    if not lead:
+        return None
     masks = result.masks
     save_masks(masks, os.path.join(out, "masks.txt"))
     rows, chosen, choice = _pruning_sweep(model, masks, evaluator, rule, progress)

@@ -9,6 +9,8 @@ jittered by 1e-7 relative, in 2 of 4 draws. Two processes compute the same sums 
 they agree with one process only as well as that (measured: up to 2e-2); fp64 removes the kinks' lottery and
 checks the semantics: the sums, the shares of the loss and the global statistics."""
 
+import os
+
 import pytest
 import torch
 import torch.multiprocessing as mp
@@ -70,3 +72,75 @@ def test_two_processes_take_the_step_of_one(two_ranks, k):
             worst["mask"] = max(worst["mask"], _close(ranks[r][k][1][step], ref_masks[step]))
         assert worst["mask"] <= TOL
     print(CASES[k], worst)
+
+
+# ------------------------------------------------------------------------------------------ the command line
+@pytest.fixture(scope="module")
+def digits_checkpoint(tmp_path_factory):
+    from anp_fast.commands import run_attack
+
+    out = tmp_path_factory.mktemp("attack")
+    run_attack(arch="resnet18", data="digits", out=str(out), epochs=3, arch_args={"width": 8}, reserve_clean=300,
+               progress=False, log=lambda *a: None)
+    return str(out / "backdoored.safetensors")
+
+
+def _purify_args(checkpoint, out, iters, *extra):
+    return ["purify", "--arch", "resnet18", "--arch-arg", "width=8", "--data", "digits", "--checkpoint", checkpoint,
+            "--clean-count", "300", "--holdout-fraction", "0.5", "--trigger", "badnets", "--target", "0",
+            "--iters", str(iters), "--prune", "threshold:0.2", "--force", "--no-progress", "--out", str(out), *extra]
+
+
+def _run(argv, **env):
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, *argv], capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", **env})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def _masks_and_report(out):
+    import json
+
+    from anp_fast import load_masks
+
+    return load_masks(os.path.join(out, "masks.txt")), json.loads(open(os.path.join(out, "report.json")).read())
+
+
+def test_torchrun_and_nproc_give_the_single_process_report(tmp_path, digits_checkpoint):
+    """`torchrun --nproc-per-node 2 -m anp_fast purify ...` and `anp-fast purify --nproc 2 ...` write what one
+    process writes (3 iterations: the runs are chaotic over hundreds, see the module docstring); rank 0 alone
+    writes."""
+    from anp_fast.cli import main
+
+    assert main(_purify_args(digits_checkpoint, tmp_path / "one", 3)) == 0
+    _run(["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "anp_fast",
+          *_purify_args(digits_checkpoint, tmp_path / "torchrun", 3)])
+    launched = _run(["-m", "anp_fast", *_purify_args(digits_checkpoint, tmp_path / "nproc", 3, "--nproc", "2")])
+    assert launched.stdout.count("wrote purified.safetensors") == 1  # rank 0 alone reports
+    masks, report = _masks_and_report(tmp_path / "one")
+    for name in ("torchrun", "nproc"):
+        other_masks, other = _masks_and_report(tmp_path / name)
+        assert max(float((other_masks[k] - m).abs().max()) for k, m in masks.items()) <= 1e-4, name
+        assert other["pruned_neurons"] == report["pruned_neurons"]
+        assert (other["after"]["acc"], other["after"]["asr"]) == (report["after"]["acc"], report["after"]["asr"])
+
+
+def test_a_state_saved_by_two_processes_resumes_in_one(tmp_path, digits_checkpoint):
+    """The run state does not depend on the number of processes: saved by 2 after 3 of 6 iterations, the run
+    continues in 1 from there and ends near the uninterrupted single-process masks."""
+    from anp_fast.cli import main
+    from anp_fast.commands import PURIFY_OUTPUTS
+
+    two = tmp_path / "two"
+    _run(["-m", "anp_fast", *_purify_args(digits_checkpoint, two, 6, "--nproc", "2", "--save-every", "3")])
+    for name in PURIFY_OUTPUTS:  # as if the two processes had died after the state of iteration 3
+        os.remove(two / name)
+    assert main(["purify", "--resume", str(two)]) == 0
+    assert main(_purify_args(digits_checkpoint, tmp_path / "one", 6)) == 0
+    resumed_masks, resumed = _masks_and_report(two)
+    masks, _ = _masks_and_report(tmp_path / "one")
+    assert resumed["anp"]["resumed_at"] == 3
+    assert max(float((resumed_masks[k] - m).abs().max()) for k, m in masks.items()) <= 1e-3
