@@ -500,14 +500,18 @@ def _launch(nproc: int, argv: List[str]) -> int:
         os.environ["OMP_NUM_THREADS"] = str(max(1, cores // nproc))
     config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=str(uuid.uuid4()),
                           rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=0, monitor_interval=0.5)
+    import logging
+
+    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)  # we say it in one line
     try:
         elastic_launch(config, sys.executable)("-m", "anp_fast", *rest)
     except ChildFailedError as exc:
-        failures = exc.failures
-        first = min(failures.values(), key=lambda f: f.timestamp) if failures else None
+        failures = sorted(exc.failures.items(), key=lambda item: item[1].timestamp)
+        rank, first = failures[0] if failures else ("?", None)
         code = first.exitcode if first is not None else 1
-        print(f"anp-fast: error: {len(failures)} of {nproc} processes failed (first: rank "
-              f"{first.global_rank if first else '?'}, exit code {code})", file=sys.stderr)
+        how = f"killed by signal {-code}" if isinstance(code, int) and code < 0 else f"exit code {code}"
+        print(f"anp-fast: error: process {rank} of {nproc} failed first ({how}); the others were stopped; "
+              f"a run with --save-every continues from its last saved state with --resume OUT", file=sys.stderr)
         return code if isinstance(code, int) and code > 0 else 1
     return 0
 

@@ -98,6 +98,16 @@ def init_from_env() -> bool:
     return True
 
 
+def is_collective_failure(exc: BaseException) -> bool:
+    """Whether ``exc`` is a broken collective (a peer process died, was killed or timed out)."""
+    dist_error = getattr(torch.distributed, "DistError", None)
+    if dist_error is not None and isinstance(exc, dist_error):
+        return True
+    text = str(exc)
+    return isinstance(exc, RuntimeError) and any(
+        s in text for s in ("gloo", "NCCL", "Connection reset", "Connection closed", "Timed out", "timed out"))
+
+
 def rank() -> int:
     """This process's rank (0 without a process group)."""
     c = current()

@@ -13,7 +13,7 @@ from torch import Tensor
 
 from .config import ANPConfig, check_device
 from .batches import BatchSource, batch_source, check_labels
-from .errors import ConfigError, DivergenceError, Interrupted, ModelError  # noqa: F401  (Interrupted re-exported)
+from .errors import ConfigError, DivergenceError, Interrupted, ModelError, ProcessGroupError  # noqa: F401
 from .graphs import StepGraph
 from .progress import progress_bar
 from .runstate import load_run_state, save_run_state
@@ -398,6 +398,14 @@ def optimize_masks(model: nn.Module, clean_data, config: Optional[ANPConfig] = N
                           "resumed_at": start_it, "stopped_at": stopped_at},
                          config, engine.state.size, [s.name for s in engine.state.slots])
 
+    def restore(snap) -> None:
+        if snap is not None:  # stopped inside a step: back to the state before it
+            with torch.no_grad():
+                engine.state.mask.copy_(snap[0])
+                engine.momentum_buffer.copy_(snap[1])
+            engine.generator.set_state(snap[2])
+            engine.iteration = snap[3]
+
     bar = progress_bar(total=config.iters, initial=start_it, desc="ANP masks", unit="it",
                        disable=not (progress and lead))
     start = time.perf_counter()
@@ -431,15 +439,23 @@ def optimize_masks(model: nn.Module, clean_data, config: Optional[ANPConfig] = N
                     break
     except KeyboardInterrupt:
         bar.close()
-        if snapshot is not None:  # interrupted inside a step: back to the state before it
-            with torch.no_grad():
-                engine.state.mask.copy_(snapshot[0])
-                engine.momentum_buffer.copy_(snapshot[1])
-            engine.generator.set_state(snapshot[2])
-            engine.iteration = snapshot[3]
+        restore(snapshot)
         if state_path is not None and done > start_it:
             save(done, source_state)
         raise Interrupted(result(done, time.perf_counter() - start)) from None
+    except RuntimeError as exc:
+        from .distributed import is_collective_failure
+
+        if collective is None or not is_collective_failure(exc):
+            raise
+        bar.close()
+        restore(snapshot)  # every process holds the same state: the lead saves the one before the broken step
+        if state_path is not None and done > start_it:
+            save(done, source_state)
+        where = f"; the run state after iteration {done} is in {state_path}" if state_path and lead else ""
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0].split(". ")[0]
+        raise ProcessGroupError(f"process {collective.rank} of {collective.world}: another process of the run "
+                                f"stopped at iteration {done + 1} ({first[:160]}){where}") from None
     finally:
         bar.close()
     if engine.device.type == "cuda":

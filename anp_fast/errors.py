@@ -45,3 +45,7 @@ class Interrupted(KeyboardInterrupt):
     def __init__(self, result):
         super().__init__(f"interrupted after {len(result.loss_history)} iterations")
         self.result = result
+
+
+class ProcessGroupError(ANPError):
+    """Another process of a multi-process run failed or was killed (its collective broke)."""

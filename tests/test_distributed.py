@@ -144,3 +144,67 @@ def test_a_state_saved_by_two_processes_resumes_in_one(tmp_path, digits_checkpoi
     masks, _ = _masks_and_report(tmp_path / "one")
     assert resumed["anp"]["resumed_at"] == 3
     assert max(float((resumed_masks[k] - m).abs().max()) for k, m in masks.items()) <= 1e-3
+
+
+def _pid_of_rank(rank: int, marker: str):
+    """The pid of the launched process of ``rank`` whose command line names ``marker`` (Linux /proc)."""
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                cmdline = f.read().decode(errors="replace")
+            with open(f"/proc/{pid}/environ", "rb") as f:
+                environ = f.read().decode(errors="replace").split("\0")
+        except OSError:
+            continue
+        if marker in cmdline and f"RANK={rank}" in environ and "purify" in cmdline:
+            return int(pid)
+    return None
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc"), reason="finds the processes through /proc")
+def test_a_killed_process_stops_the_run_cleanly_and_the_state_resumes(tmp_path, digits_checkpoint):
+    """SIGKILL one of 2 processes mid-run: the survivor stops at once with one line naming what happened, the
+    launcher exits non-zero within 60 s with one line, no output is written (the run state is), and --resume
+    with 2 processes ends with the masks of an uninterrupted 2-process run."""
+    import json
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from anp_fast.commands import PURIFY_OUTPUTS
+
+    out = tmp_path / "killed"
+    argv = [sys.executable, "-m", "anp_fast", *_purify_args(digits_checkpoint, out, 30, "--nproc", "2",
+                                                             "--save-every", "5")]
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    state = out / "anp_state.pt"
+    deadline = time.time() + 300
+    while time.time() < deadline:  # until the state of iteration 10 is saved
+        time.sleep(0.5)
+        try:
+            if torch.load(state, weights_only=True)["iteration"] >= 10:
+                break
+        except Exception:
+            continue
+    pid = _pid_of_rank(1, str(out))
+    assert pid is not None and proc.poll() is None
+    os.kill(pid, signal.SIGKILL)
+    killed = time.time()
+    _, stderr = proc.communicate(timeout=120)
+    assert time.time() - killed < 60
+    assert proc.returncode != 0
+    lines = [line for line in stderr.splitlines() if line.startswith("anp-fast: error")]
+    assert lines[-1].startswith("anp-fast: error: process 1 of 2 failed first (killed by signal 9)"), stderr[-2000:]
+    assert "Traceback" not in stderr, stderr[-3000:]
+    assert not any((out / name).exists() for name in PURIFY_OUTPUTS)
+    saved = torch.load(state, weights_only=True)["iteration"]
+    assert 10 <= saved < 30
+    _run(["-m", "anp_fast", "purify", "--resume", str(out), "--nproc", "2"])
+    _run(["-m", "anp_fast", *_purify_args(digits_checkpoint, tmp_path / "whole", 30, "--nproc", "2")])
+    resumed = json.loads((out / "report.json").read_text())
+    whole = json.loads((tmp_path / "whole" / "report.json").read_text())
+    assert resumed["anp"]["resumed_at"] == saved
+    assert (out / "masks.txt").read_text() == (tmp_path / "whole" / "masks.txt").read_text()
+    assert resumed["anp"]["final_loss"] == whole["anp"]["final_loss"]
