@@ -79,12 +79,13 @@ def run_purify(*, arch: str, checkpoint: str, data: str, out: str, config: ANPCo
     plausibility check (:func:`check_plausible`).
 
     Under a process group of several processes (torchrun, ``--nproc``) every process runs this with the same
-    arguments: they learn the masks together (:mod:`anp_fast.distributed`); rank 0 alone logs, writes the
-    outputs and the run state, and returns the report; the other ranks return None after the loop."""
+    arguments: they learn the masks together (:mod:`anp_fast.distributed`) and each evaluates its part of every
+    data set for the pruning sweep and the choice (the counts are summed); rank 0 alone logs, writes the
+    outputs and the run state, and returns the report; the other ranks return None."""
     from .methods import METHODS
     from .checkpoint import save_checkpoint
     from .datasets import clean_split
-    from .distributed import rank
+    from .distributed import current, rank
 
     t_start = time.perf_counter()
     lead = rank() == 0
@@ -144,15 +145,17 @@ def run_purify(*, arch: str, checkpoint: str, data: str, out: str, config: ANPCo
     triggered = asr_dataset(splits, trigger, target)
     device = torch.device(config.device) if config.device else torch.device("cpu")
     model = loaded.model.to(device)
-    evaluator = Evaluator(device, loaded.norm_test, holdout, triggered, target, workers, clean=clean)
+    collective = current(config.local_statistics) if config.distributed is not False else None
+    evaluator = Evaluator(device, loaded.norm_test, holdout, triggered, target, workers, clean=clean,
+                          collective=collective)  # several processes: each evaluates its part
     for note in loaded.notes:
         log(note)
     plausible = check_plausible(model, loaded, device, checkpoint, force, log, workers)
     if lead:
         make_out(out)  # every input checked: from here on files are written (each atomically)
-    before = evaluator(model) if lead else {}
+    before = evaluator(model)
     log(f"{arch} on {splits.name} (normalisation {loaded.normalization.describe()}): {len(clean_idx)} clean images "
-        f"for ANP, {len(holdout_idx)} held out, {len(splits.test)} test; before: " + (format_row(before) if lead else ""))
+        f"for ANP, {len(holdout_idx)} held out, {len(splits.test)} test; before: " + format_row(before))
     memorized = memorization(model, evaluator, before) if rule.get("auto") and lead else None
     if memorized and memorized["memorized"]:
         log(f"warning: the held-out clean images look memorized (accuracy {100 * before['holdout_acc']:.1f}%, mean "
@@ -183,13 +186,20 @@ def run_purify(*, arch: str, checkpoint: str, data: str, out: str, config: ANPCo
         log(f"interrupted after {len(stop.result.loss_history)} iterations; the state is in {out}: "
             f"continue with --resume {out}")
         raise
-    if not lead:
-        return None
     masks = result.masks
-    save_masks(masks, os.path.join(out, "masks.txt"))
-    rows, chosen, choice = _pruning_sweep(model, masks, evaluator, rule, progress)
+    if lead:
+        save_masks(masks, os.path.join(out, "masks.txt"))
+    rows, chosen, choice = _pruning_sweep(model, masks, evaluator, rule, progress)  # every process evaluates a part
+    if collective is not None:  # the clean walk runs in each process: rank 0's choice is the one
+        import torch.distributed as dist
+
+        shared = [chosen, choice]
+        dist.broadcast_object_list(shared, src=0, group=collective.group)
+        chosen, choice = shared
     purified = prune(model, masks, **chosen)
     after = evaluator(purified)
+    if not lead:
+        return None
     n_pruned = pruned_count(masks, **chosen)
     save_checkpoint(purified.state_dict(), os.path.join(out, "purified"), metadata=to_metadata(loaded.normalization))
     write_csv(os.path.join(out, "sweep.csv"), rows)

@@ -92,6 +92,10 @@ def attack_success_rate(model: nn.Module, x_triggered: torch.Tensor, target: int
     return float((pred == target).float().mean()) if len(x_triggered) else float("nan")
 
 
+def _fp32(x: float) -> float:
+    return float(torch.tensor(x, dtype=torch.float32))
+
+
 @dataclass
 class Evaluator:
     """ACC on the test split, ASR on its triggered non-target part, and the defender's clean data: ACC (and
@@ -106,6 +110,7 @@ class Evaluator:
     workers: int = 0
     clean: Optional[Dataset] = None
     labels: Dict[str, torch.Tensor] = field(default_factory=dict)
+    collective: Optional[object] = None  # several processes: each evaluates its part, the counts are summed
 
     def __post_init__(self):
         self.labels["test"] = labels_of(self.test)
@@ -113,28 +118,44 @@ class Evaluator:
             if getattr(self, name) is not None:
                 self.labels[name] = labels_of(getattr(self, name))
 
+    def _counts(self, model: nn.Module, name: str) -> torch.Tensor:
+        """[right answers, images, summed loss] over this process's part of data set ``name`` (the target's
+        hits for ``triggered``)."""
+        ds = getattr(self, name)
+        n = len(ds)
+        part = slice(n * self.collective.rank // self.collective.world,
+                     n * (self.collective.rank + 1) // self.collective.world) if self.collective else slice(0, n)
+        if self.collective is not None:
+            ds = Subset(ds, range(part.start, part.stop))
+        out = logits(model, ds, self.device, workers=self.workers) if len(ds) else torch.zeros(0, 1)
+        if name == "triggered":
+            return torch.tensor([float((out.argmax(1) == self.target).sum()), float(len(ds)), 0.0], dtype=torch.float64)
+        labels = self.labels[name][part]
+        losses = torch.nn.functional.cross_entropy(out.float(), labels, reduction="none") if len(ds) else out.sum(1)
+        return torch.tensor([float((out.argmax(1) == labels).sum()), float(len(ds)), float(losses.double().sum())],
+                            dtype=torch.float64)
+
     def __call__(self, model: nn.Module, holdout_only: bool = False) -> Dict[str, float]:
         """Every metric; ``holdout_only``: the defender's clean data only (what choosing may look at)."""
-        row, hits, seen, loss_sum = {}, 0, 0, 0.0
+        names = [n for n in ("holdout", "clean") if getattr(self, n) is not None]
+        if not holdout_only:
+            names += ["test"] + (["triggered"] if self.triggered is not None else [])
+        counts = torch.stack([self._counts(model, name) for name in names]) if names else torch.zeros(0, 3)
+        if self.collective is not None:
+            self.collective.all_reduce_((counts,))
+        row, hits, seen, loss_sum = {}, 0.0, 0.0, 0.0
+        found = dict(zip(names, counts.tolist()))
         for name in ("holdout", "clean"):
-            ds = getattr(self, name)
-            if ds is None:
-                continue
-            out = logits(model, ds, self.device, workers=self.workers)
-            right = out.argmax(1) == self.labels[name]
-            losses = torch.nn.functional.cross_entropy(out.float(), self.labels[name], reduction="none")
-            row[f"{name}_acc"] = float(right.float().mean())
-            row[f"{name}_loss"] = float(losses.mean())
-            hits, seen, loss_sum = hits + int(right.sum()), seen + len(right), loss_sum + float(losses.sum())
+            if name in found:
+                right, n, loss = found[name]
+                row[f"{name}_acc"], row[f"{name}_loss"] = _fp32(right / n), loss / n
+                hits, seen, loss_sum = hits + right, seen + n, loss_sum + loss
         if seen:
             row["select_acc"], row["select_loss"] = hits / seen, loss_sum / seen
-        if holdout_only:
-            return row
-        row["acc"] = float((predictions(model, self.test, self.device, workers=self.workers)
-                            == self.labels["test"]).float().mean())
-        if self.triggered is not None:
-            row["asr"] = float((predictions(model, self.triggered, self.device, workers=self.workers)
-                                == self.target).float().mean())
+        for name, key in (("test", "acc"), ("triggered", "asr")):
+            if name in found:
+                right, n, _ = found[name]
+                row[key] = _fp32(right / n) if n else float("nan")  # the fp32 mean of the hits, as before
         return row
 
 

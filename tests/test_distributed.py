@@ -208,3 +208,44 @@ def test_a_killed_process_stops_the_run_cleanly_and_the_state_resumes(tmp_path, 
     assert resumed["anp"]["resumed_at"] == saved
     assert (out / "masks.txt").read_text() == (tmp_path / "whole" / "masks.txt").read_text()
     assert resumed["anp"]["final_loss"] == whole["anp"]["final_loss"]
+
+
+def _evaluator_worker(rank, world, init_file, out_dir):
+    import torch.distributed as dist
+
+    from anp_fast.distributed import current
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        rows = _evaluate(current())
+        torch.save(rows, os.path.join(out_dir, f"eval{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def _evaluate(collective):
+    """An Evaluator's rows (every metric, and the held-out ones alone) on seeded data sets of odd sizes."""
+    from torch.utils.data import TensorDataset
+
+    from anp_fast.evaluation import Evaluator
+
+    g = torch.Generator().manual_seed(5)
+    sets = [TensorDataset(torch.rand(n, 3, 8, 8, generator=g), torch.randint(0, 10, (n,), generator=g))
+            for n in (101, 37, 50, 23)]
+    torch.manual_seed(0)
+    model = dist_worker.MixedNorms().eval()
+    evaluator = Evaluator(torch.device("cpu"), sets[0], sets[1], sets[2], 3, clean=sets[3], collective=collective)
+    return [evaluator(model), evaluator(model, holdout_only=True)]
+
+
+def test_the_sweep_evaluation_is_shared_between_processes(tmp_path):
+    """Each process evaluates its part of every data set; the summed counts give one process's row."""
+    mp.spawn(_evaluator_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    alone = _evaluate(None)
+    for r in range(2):
+        shared = torch.load(tmp_path / f"eval{r}.pt", weights_only=True)
+        for row, ref in zip(shared, alone):
+            assert row.keys() == ref.keys()
+            for key in ref:
+                assert row[key] == pytest.approx(ref[key], rel=1e-6, abs=1e-9), key
