@@ -137,7 +137,16 @@ def main(argv=None) -> int:
             "count": int(flipped.numel())}
     last = args.at[-1]
     a, b = one["masks"][last] <= 0.2, many["masks"][last] <= 0.2
-    figures["pruned_threshold_0.2"] = {"one": int(a.sum()), "many": int(b.sum()), "differ": int((a != b).sum())}
+    differ = (a != b).nonzero().flatten().tolist()
+
+    def name_of(k):
+        return next(f"{n}[{k - o}]" for n, o, s in one["layers"] if o <= k < o + s)
+    figures["pruned_threshold_0.2"] = {
+        "one": int(a.sum()), "many": int(b.sum()), "differ": len(differ),
+        "neurons": [{"neuron": name_of(k), "mask_one": float(one["masks"][last][k]),
+                     "mask_many": float(many["masks"][last][k])} for k in differ]}
+    diff = (one["masks"][last] - many["masks"][last]).abs()
+    figures["mask_diff_quantiles_at_end"] = {q: float(diff.quantile(q)) for q in (0.5, 0.9, 0.99)}
     text = json.dumps(figures, indent=1)
     print(text)
     if args.out:
