@@ -444,10 +444,12 @@ def main(argv: Optional[List[str]] = None) -> int:
 
         if not keep_freed_memory():
             print("anp-fast: --keep-freed-memory is not available here (glibc malloc only); ignored", file=sys.stderr)
-    if args.command == "purify" and getattr(args, "nproc", 1) != 1 and not _launched():
+    from .distributed import init_from_env, launched
+
+    if args.command == "purify" and getattr(args, "nproc", 1) != 1 and not launched():
         return _launch(args.nproc, given)
-    started = _launched() and _init_process_group()
-    who = f" (rank {os.environ.get('RANK', '?')})" if _launched() and os.environ.get("RANK") != "0" else ""
+    started = init_from_env()  # only when started by a launcher as one of several processes
+    who = f" (rank {os.environ.get('RANK', '?')})" if launched() and os.environ.get("RANK") != "0" else ""
     try:
         return commands[args.command](args)
     except ANPError as exc:
@@ -464,17 +466,6 @@ def main(argv: Optional[List[str]] = None) -> int:
             import torch.distributed
 
             torch.distributed.destroy_process_group()
-
-
-def _launched() -> bool:
-    """Started by a launcher (torchrun, --nproc) as one of several processes."""
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1
-
-
-def _init_process_group() -> bool:
-    from .distributed import init_from_env
-
-    return init_from_env()
 
 
 def _launch(nproc: int, argv: List[str]) -> int:
