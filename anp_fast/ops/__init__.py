@@ -132,12 +132,14 @@ for _op in OPS:
 
 def perturbed_batch_norm(x, *args, fused: bool = True, sync=None, **kwargs):
     """``sync``: a process group whose ranks' batches together are the batch (their batch statistics are
-    reduced across it: :mod:`anp_fast.ops.synced`, eager for now)."""
+    reduced across it by :mod:`anp_fast.ops.synced`, the chosen backend normalising with them)."""
+    fn = resolve("perturbed_batch_norm", x.device.type, fused)
     if sync is not None:
         from . import synced
 
-        return synced.perturbed_batch_norm(x, *args, group=sync, **kwargs)
-    return resolve("perturbed_batch_norm", x.device.type, fused)(x, *args, **kwargs)
+        return synced.perturbed_batch_norm(x, *args, group=sync, normalise=getattr(fn, "with_statistics", None),
+                                           **kwargs)
+    return fn(x, *args, **kwargs)
 
 
 def perturbed_layer_norm(x, *args, fused: bool = True, **kwargs):

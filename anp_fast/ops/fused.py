@@ -86,7 +86,11 @@ def _bn_backward(ctx, dy, _dmean, _drstd, _dvar):
     da = (sum_dyxc * rstd).to(ctx.dtypes[0])
     db = sum_dy.to(ctx.dtypes[1])
     dresidual = (dres if relu else dy) if has_residual else None
-    return dx, da, db, dresidual, None, None, None, None, None, None
+    # given statistics (eval mode) may be a function of the batch (a process group's global statistics): y = a *
+    # (x - mean) * rstd + b, so d mean = -a * rstd * sum(dy'), d rstd = a * sum(dy' (x - mean)): the same sums
+    dmean = -(a * rstd) * sum_dy if not training and ctx.needs_input_grad[4] else None
+    drstd = a * sum_dyxc if not training and ctx.needs_input_grad[5] else None
+    return dx, da, db, dresidual, dmean, drstd, None, None, None, None
 
 
 batch_norm_op.register_autograd(_bn_backward, setup_context=_bn_setup_context)
@@ -134,7 +138,29 @@ def define_batch_norm(backend: str, kernels) -> Callable:
                     running_var.mul_(1 - momentum).add_(var[g].to(running_var.dtype), alpha=momentum)
         return y
 
+    def with_statistics(x: Tensor, scale: Tensor, shift: Optional[Tensor], coef_w: Tensor, coef_b: Tensor,
+                        mean: Tensor, var: Tensor, eps: float, residual: Optional[Tensor] = None,
+                        relu: bool = False) -> Optional[Tensor]:
+        """The op normalising with GIVEN batch statistics: ``mean`` and biased ``var``, fp32 (G, C), computed
+        elsewhere (over a process group: ``ops.synced``) and differentiable (their gradients come from the
+        backward kernel's per-channel sums). Running statistics are the caller's. None where these kernels do
+        not take ``x`` (the caller then normalises eagerly)."""
+        if not kernels.supports(x) or (residual is not None and residual.dtype != x.dtype) \
+                or x.shape[0] % coef_w.shape[0]:
+            return None
+        if not torch.compiler.is_compiling() and not verify.usable(
+                "perturbed_batch_norm", backend, sig := verify.batch_norm_signature(x, residual, relu, "given"),
+                lambda: verify.batch_norm_check(perturbed_batch_norm, sig, x.device, with_statistics)()):
+            return None
+        if not (x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last)):
+            x = x.contiguous()
+        a = scale.to(torch.float32) * coef_w if scale is not None else coef_w.to(torch.float32)
+        b = shift.to(torch.float32) * coef_b if shift is not None else torch.zeros_like(a)
+        return batch_norm_op(x, a, b, residual, mean.float(), torch.rsqrt(var.float() + eps), relu, False, eps,
+                             backend)[0]
+
     perturbed_batch_norm.__doc__ = eager.perturbed_batch_norm.__doc__
+    perturbed_batch_norm.with_statistics = with_statistics
     return perturbed_batch_norm
 
 

@@ -1,15 +1,17 @@
 """The perturbed batch norm with batch statistics over a process group (the global batch of a data-parallel
 run): what the op layer runs when a layer passes ``sync``. The kernels know nothing of it.
 
-Forward: each rank's per-channel count, mean and centred sum of squares (fp32; fp64 for fp64) are gathered and combined in
-rank order (Chan et al.'s pairwise update: no E[x^2] - E[x]^2 cancellation), giving the global mean and
+Forward: each rank's per-channel count, mean and centred sum of squares (fp32; fp64 for fp64) are gathered and
+combined in rank order (Chan et al.'s pairwise update: no E[x^2] - E[x]^2 cancellation), giving the global mean and
 biased variance. Backward: the gradients reaching the global mean and variance are summed across ranks (the
 two per-channel reductions of SyncBatchNorm's backward), then spread back over this rank's images; the rest of
-the normalisation is differentiated by autograd as in the eager op.
+the normalisation is differentiated by autograd as in the eager op, or runs in a fused backend's kernels
+(``with_statistics``: normalise with the given global statistics, return the gradients reaching them), which
+know nothing of the process group.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from torch import Tensor
@@ -77,28 +79,37 @@ class GlobalMoments(torch.autograd.Function):
 def perturbed_batch_norm(x: Tensor, scale: Tensor, shift: Optional[Tensor], coef_w: Tensor, coef_b: Tensor,
                          running_mean: Optional[Tensor], running_var: Optional[Tensor], training: bool,
                          momentum: float, eps: float, residual: Optional[Tensor] = None, relu: bool = False,
-                         group=None) -> Tensor:
+                         group=None, normalise: Optional[Callable] = None) -> Tensor:
     """:func:`anp_fast.ops.eager.perturbed_batch_norm` with each coefficient group's batch statistics taken
     over the same group of every rank of the process ``group`` (running statistics, when given, are updated
-    with the global ones, unbiased as torch does)."""
-    parts = []
-    for g, xg in enumerate(_chunks(x, coef_w.shape[0])):
-        mean, var, n = GlobalMoments.apply(xg, group)
-        dtype = mean.dtype
-        xh = (xg.to(dtype) - _channel_view(mean, xg)) * _channel_view(torch.rsqrt(var + eps), xg)
-        w = scale.to(dtype) * coef_w[g] if scale is not None else coef_w[g].to(dtype)
-        y = xh * _channel_view(w, xg)
-        if shift is not None:
-            y = y + _channel_view(shift.to(dtype) * coef_b[g], xg)
-        parts.append(y.to(x.dtype))
-        if running_mean is not None and running_var is not None:
-            with torch.no_grad():
+    with the global ones, unbiased as torch does). ``normalise``: a fused backend's ``with_statistics`` (the
+    kernels normalise with the global statistics and return the gradients reaching them); None, or where it
+    declines the input: eager."""
+    chunks = _chunks(x, coef_w.shape[0])
+    stats = [GlobalMoments.apply(xg, group) for xg in chunks]
+    y = None
+    if normalise is not None:
+        y = normalise(x, scale, shift, coef_w, coef_b, torch.stack([s[0] for s in stats]),
+                      torch.stack([s[1] for s in stats]), eps, residual, relu)
+    if y is None:
+        parts = []
+        for g, (xg, (mean, var, _)) in enumerate(zip(chunks, stats)):
+            dtype = mean.dtype
+            xh = (xg.to(dtype) - _channel_view(mean, xg)) * _channel_view(torch.rsqrt(var + eps), xg)
+            w = scale.to(dtype) * coef_w[g] if scale is not None else coef_w[g].to(dtype)
+            yg = xh * _channel_view(w, xg)
+            if shift is not None:
+                yg = yg + _channel_view(shift.to(dtype) * coef_b[g], xg)
+            parts.append(yg.to(x.dtype))
+        y = _join(parts)
+        if residual is not None:
+            y = y + residual
+        y = torch.relu(y) if relu else y
+    if running_mean is not None and running_var is not None:
+        with torch.no_grad():
+            for mean, var, n in stats:
                 n = float(n)
                 running_mean.mul_(1 - momentum).add_(mean.to(running_mean.dtype), alpha=momentum)
                 running_var.mul_(1 - momentum).add_((var * (n / max(n - 1, 1))).to(running_var.dtype),
                                                     alpha=momentum)
-    y = _join(parts)
-    if residual is not None:
-        y = y + residual
-    return torch.relu(y) if relu else y
-
+    return y
