@@ -9,7 +9,7 @@ from typing import List, Optional
 from . import __version__
 from .config import RUN, ANPConfig
 from .errors import Interrupted
-from .errors import ANPError
+from .errors import ANPError, ProcessGroupError
 
 
 class _HelpFormatter(argparse.HelpFormatter):
@@ -134,6 +134,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="processes to run ANP over (torch.distributed; default 1). Starts them through torch's "
                              "launcher as `torchrun --nproc-per-node N -m anp_fast purify ...` would; each gets "
                              "cores/N threads unless OMP_NUM_THREADS is set")
+    purify.add_argument("--dist-timeout", type=float, default=None, metavar="SECONDS",
+                        help="with several processes: how long a collective waits for a process that hangs before "
+                             "the run stops with an error (default 600; one that dies is seen at once)")
     purify.add_argument("--resume", metavar="DIR", default=None,
                         help="continue the run whose state is in DIR (its other arguments are read from there)")
     purify.add_argument("--sample-with-replacement", action="store_true",
@@ -399,6 +402,7 @@ def _demo(args) -> int:
 
 
 _CURRENT_ARGV: Optional[List[str]] = None
+STOPPED_BY_ANOTHER = 3  # the exit code of a process that stopped because another process of its run failed
 
 
 def parse(argv: Optional[List[str]]):
@@ -448,24 +452,36 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     if args.command == "purify" and getattr(args, "nproc", 1) != 1 and not launched():
         return _launch(args.nproc, given)
-    started = init_from_env()  # only when started by a launcher as one of several processes
+    try:  # only when started by a launcher as one of several processes
+        started = init_from_env(getattr(args, "dist_timeout", None))
+    except ANPError as exc:
+        print(f"anp-fast: error: {exc}", file=sys.stderr)
+        return 2
     who = f" (rank {os.environ.get('RANK', '?')})" if launched() and os.environ.get("RANK") != "0" else ""
     try:
-        return commands[args.command](args)
+        code = commands[args.command](args)
+    except ProcessGroupError as exc:  # stopped because another process failed: the launcher names that one
+        print(f"anp-fast: error{who}: {exc}", file=sys.stderr)
+        code = STOPPED_BY_ANOTHER
     except ANPError as exc:
         print(f"anp-fast: error{who}: {exc}", file=sys.stderr)
-        return 2
+        code = 2
     except Interrupted:
         print("anp-fast: interrupted", file=sys.stderr)
-        return 130
+        code = 130
     except KeyboardInterrupt:  # Ctrl-C outside the ANP loop (loading, sweeps, training): every file is atomic
         print("anp-fast: interrupted (no output half-written)", file=sys.stderr)
-        return 130
+        code = 130
     finally:
         if started:
             import torch.distributed
 
             torch.distributed.destroy_process_group()
+    if started and argv is None:  # a launched process run as a program: every output is written and closed
+        from .distributed import exit_now
+
+        exit_now(code)
+    return code
 
 
 def _launch(nproc: int, argv: List[str]) -> int:
@@ -497,7 +513,10 @@ def _launch(nproc: int, argv: List[str]) -> int:
     try:
         elastic_launch(config, sys.executable)("-m", "anp_fast", *rest)
     except ChildFailedError as exc:
-        failures = sorted(exc.failures.items(), key=lambda item: item[1].timestamp)
+        # the first to fail on its own: processes that stopped because another one failed come last (their
+        # failure times have a resolution of one second)
+        failures = sorted(exc.failures.items(),
+                          key=lambda item: (item[1].exitcode == STOPPED_BY_ANOTHER, item[1].timestamp))
         rank, first = failures[0] if failures else ("?", None)
         code = first.exitcode if first is not None else 1
         how = f"killed by signal {-code}" if isinstance(code, int) and code < 0 else f"exit code {code}"

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import re
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional
@@ -87,6 +88,7 @@ class ANPEngine:
                 raise ConfigError("ANPConfig.compile is not supported with several processes yet (the batch "
                                   "statistics' collectives break the graph)")
             self.model.state.sync = collective.batch_norm_group
+            collective.agree(self._fingerprint(), "models or options")
         net = self.model.net
         self.channels_last = cfg.channels_last if cfg.channels_last is not None else any(
             isinstance(m, nn.Conv2d) for m in net.modules())
@@ -109,6 +111,19 @@ class ANPEngine:
                 raise ConfigError("ANPConfig.cuda_graphs=True needs a CUDA device; this engine runs on "
                                   f"{self.device}")
             self.graphs = StepGraph(self)
+
+    def _fingerprint(self) -> dict:
+        """What every process of one run must share: the options (but the device), the perturbable layer layout
+        and the model's weights and buffers."""
+        import dataclasses
+
+        from .distributed import tensor_digest
+
+        cfg = self.config
+        parts = {f"option {f.name}": repr(getattr(cfg, f.name)) for f in dataclasses.fields(cfg) if f.name != "device"}
+        parts["perturbable layer layout"] = repr([(s.name, s.kind, s.size) for s in self.state.slots])
+        parts["model weights"] = tensor_digest(list(self.model.net.state_dict().values()))
+        return parts
 
     def _set_mode(self) -> None:
         net = self.model.net
@@ -329,6 +344,22 @@ class ANPResult:
 Monitor = Callable[[int, "ANPEngine"], bool]
 
 
+def _describe_data(clean_data) -> str:
+    """What identifies a clean set across processes: the bytes of a tensor pair, the length of a Dataset."""
+    from torch.utils.data import Dataset
+
+    from .distributed import tensor_digest
+
+    if isinstance(clean_data, (tuple, list)) and all(isinstance(t, torch.Tensor) for t in clean_data):
+        return "tensors " + tensor_digest(list(clean_data))
+    if isinstance(clean_data, Dataset):
+        try:
+            return f"{type(clean_data).__name__} of {len(clean_data)}"
+        except TypeError:
+            pass
+    return type(clean_data).__name__
+
+
 def optimize_masks(model: nn.Module, clean_data, config: Optional[ANPConfig] = None, progress: bool = True,
                    noise_init: Optional[NoiseInit] = None, check_every: int = 50, save_every: int = 0,
                    state_path: Optional[str] = None, resume: bool = False, monitor: Optional[Monitor] = None,
@@ -363,6 +394,8 @@ def optimize_masks(model: nn.Module, clean_data, config: Optional[ANPConfig] = N
     if collective is not None and source.batch_size is not None and source.shard(collective.part(source.batch_size)):
         total = source.batch_size
     lead = collective is None or collective.rank == 0  # the process that writes and shows progress
+    if collective is not None:
+        collective.agree({"clean data": _describe_data(clean_data)}, "clean data")
     history = torch.zeros(config.iters, device=engine.device)
     start_it = 0
     if resume and state_path is not None and os.path.exists(state_path):
@@ -454,6 +487,7 @@ def optimize_masks(model: nn.Module, clean_data, config: Optional[ANPConfig] = N
             save(done, source_state)
         where = f"; the run state after iteration {done} is in {state_path}" if state_path and lead else ""
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0].split(". ")[0]
+        first = re.sub(r"^\[[^\]]*\]\s*", "", first)  # the library's "[file.cc:129]" prefix
         raise ProcessGroupError(f"process {collective.rank} of {collective.world}: another process of the run "
                                 f"stopped at iteration {done + 1} ({first[:160]}){where}") from None
     finally:
