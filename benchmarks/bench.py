@@ -356,6 +356,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     bench`` (which runs this in a child process)."""
     from anp_fast.errors import ANPError
 
+    given = sys.argv[1:] if argv is None else list(argv)
+    if any(a == "--nproc" or a.startswith("--nproc=") for a in given) or "--worker" in given:
+        from .dist_bench import main as dist_main  # N processes against one (issue 13)
+
+        return dist_main(given)
     p = argparse.ArgumentParser(prog="anp-fast bench", description=__doc__.split("\n")[0])
     add_arguments(p)
     try:
@@ -366,6 +371,10 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--nproc", type=int, default=None, metavar="N",
+                   help="instead: one engine --mode over N processes (torch.distributed) against one process: "
+                        "step time, time in the collectives, mask agreement (python -m anp_fast_bench.dist_bench "
+                        "--help)")
     p.add_argument("--model", default="cifar_resnet18")
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--modes", default=",".join(DEFAULT_MODES),

@@ -7,6 +7,7 @@
 #   bash benchmarks/gpu_session.sh r18-lowp   # the same in bf16 and mixed, with peak memory
 #   bash benchmarks/gpu_session.sh r50        # torchvision ResNet-50, 224x224, batch 128, bf16 modes
 #   bash benchmarks/gpu_session.sh r50-run    # 2000 ANP iterations of ResNet-50 (issue 3's 3-minute target)
+#   bash benchmarks/gpu_session.sh dist       # ANP over every GPU (NCCL) against one: step, collective time
 #
 # Results (JSON/CSV/markdown with device name, torch version and commit) and logs go to $OUT (the device
 # tool brings them back) or benchmarks/results when OUT is unset; copy them into benchmarks/results/ and
@@ -37,8 +38,8 @@ EOF
 }
 
 case "$stage" in
-  build|ops|r18|r18-lowp|r50|r50-run) ;;
-  *) echo "unknown stage $stage (build | ops | r18 | r18-lowp | r50 | r50-run)" >&2; exit 2 ;;
+  build|ops|r18|r18-lowp|r50|r50-run|dist) ;;
+  *) echo "unknown stage $stage (build | ops | r18 | r18-lowp | r50 | r50-run | dist)" >&2; exit 2 ;;
 esac
 install
 case "$stage" in
@@ -70,5 +71,15 @@ case "$stage" in
   r50-run)
     $PY -m anp_fast_bench.timed_run --model tv_resnet50 --batch 128 --iters 2000 --device cuda \
       --precision bf16 --compile --cuda-graphs --out "$out" 2>&1 | tee "$out/r50_run.log" | tail -15
+    ;;
+  dist)
+    gpus=$(nvidia-smi -L | wc -l)
+    if [ "$gpus" -lt 2 ]; then
+      echo "dist: $gpus GPU here; ANP over several processes needs one GPU each (NCCL): nothing to measure" \
+        | tee "$out/dist.log"
+    else
+      anp-fast bench --nproc "$gpus" --device cuda --model tv_resnet50 --batch 128 --mode cl+bf16+fused \
+        --rounds 3 --iters 5 --warmup 3 --out "$out" 2>&1 | tee "$out/dist.log" | tail -12
+    fi
     ;;
 esac

@@ -77,3 +77,37 @@ def test_bench_refuses_bad_arguments(argv, message, capfd):
     assert message in capfd.readouterr().err
     with pytest.raises(SystemExit, match=message):  # the package's own entry point, in this process
         bench.main(argv)
+
+
+def test_bench_nproc_times_the_distributed_layouts(tmp_path, capfd):
+    """`anp-fast bench --nproc 2`: one process against 2 (global and local statistics), each a real launch:
+    the 2-process layouts spend time in collectives, local statistics use fewer of them, and the masks stay
+    near the one-process ones over the few steps."""
+    import json
+    import os
+
+    from anp_fast_bench.bench import main
+
+    assert main(["--nproc", "2", "--model", "digits_resnet18", "--batch", "8", "--mode", "nchw", "--rounds", "1",
+                 "--iters", "1", "--warmup", "1", "--threads", "2", "--out", str(tmp_path)]) == 0
+    out = capfd.readouterr().out
+    assert "| 2x1 local |" in out
+    (name,) = [f for f in os.listdir(tmp_path) if f.endswith(".json")]
+    rows = {r["layout"]: r for r in json.loads((tmp_path / name).read_text())["rows"]}
+    assert rows["1x2"]["collectives_per_step"] == 0 and rows["1x2"]["max_mask_diff"] == 0
+    assert rows["2x1"]["collectives_per_step"] > rows["2x1 local"]["collectives_per_step"] > 0
+    assert rows["2x1"]["collective_ms"] > 0
+    assert rows["2x1"]["max_mask_diff"] < 0.05
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--nproc", "1"], "N >= 2"),
+    (["--nproc", "2", "--batch", "1"], "cannot be split"),
+    (["--nproc", "2", "--mode", "published"], "engine mode"),
+])
+def test_bench_nproc_refuses_bad_arguments(argv, message, capfd):
+    from anp_fast_bench.bench import main
+
+    with pytest.raises(SystemExit):
+        main(argv)
+    assert message in capfd.readouterr().err
