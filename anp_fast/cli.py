@@ -142,6 +142,11 @@ def build_parser() -> argparse.ArgumentParser:
     purify.add_argument("--sample-with-replacement", action="store_true",
                         help="allow a clean set smaller than one batch (batches are drawn with replacement)")
     purify.add_argument("--workers", type=int, default=0, help="data loading worker processes")
+    purify.add_argument("--image-cache", metavar="DIR", default=None,
+                        help="imagefolder data: decode the clean and held-out images once into DIR and memory-map "
+                             "them in later runs (default: $ANP_FAST_CACHE or ~/.cache/anp_fast)")
+    purify.add_argument("--no-image-cache", action="store_true",
+                        help="imagefolder data: decode the clean images at every draw instead")
     purify.add_argument("--method", default="anp",
                         help="how the masks are learned: anp (default) | rnp (Reconstructive Neuron Pruning: "
                              "unlearn a copy, learn masks on it, prune the original) | a registered method")
@@ -342,6 +347,7 @@ def _purify(args) -> int:
                budget=args.budget, trigger=args.trigger, target=args.target, save_every=args.save_every,
                resume=args.resume is not None, overwrite=args.overwrite,
                allow_small_clean=args.sample_with_replacement, workers=args.workers,
+               image_cache=False if args.no_image_cache else args.image_cache,
                progress=not args.no_progress, command={"argv": argv, "cwd": os.getcwd()},
                normalize=args.normalize,
                force=args.force)

@@ -68,7 +68,7 @@ def run_purify(*, arch: str, checkpoint: str, data: str, out: str, config: ANPCo
                allow_small_clean: bool = False, workers: int = 0, progress: bool = True,
                command: Optional[Dict] = None, method: str = "anp", method_options=None,
                stop_patience: int = 0, stop_every: int = 100, normalize: Optional[str] = None,
-               force: bool = False, log=print) -> Dict:
+               force: bool = False, image_cache=None, log=print) -> Dict:
     """Load, learn masks with ``method`` (``anp``, ``rnp`` or a registered front end's; ``method_options``:
     its own settings, e.g. an RNPConfig), prune, and write every output into ``out``; returns the report.
     ``command``: the arguments to record in ``out/command.json`` for a later ``--resume``. ``stop_patience``
@@ -76,7 +76,9 @@ def run_purify(*, arch: str, checkpoint: str, data: str, out: str, config: ANPCo
     pruning rule is applied to the current masks, and the loop ends once the set it would prune has not changed
     over K checks. ``normalize``: the input normalisation (:mod:`anp_fast.normalization`; default: the
     checkpoint's recorded one, else the data set's). ``force``: go on when the loaded checkpoint fails the
-    plausibility check (:func:`check_plausible`).
+    plausibility check (:func:`check_plausible`). ``image_cache``: where an ImageFolder's clean and held-out
+    images are decoded once and memory-mapped by later runs (:mod:`anp_fast.image_cache`; None: its default
+    folder; False: decode at every draw).
 
     Under a process group of several processes (torchrun, ``--nproc``) every process runs this with the same
     arguments: they learn the masks together (:mod:`anp_fast.distributed`) and each evaluates its part of every
@@ -84,7 +86,7 @@ def run_purify(*, arch: str, checkpoint: str, data: str, out: str, config: ANPCo
     outputs and the run state, and returns the report; the other ranks return None."""
     from .methods import METHODS
     from .checkpoint import save_checkpoint
-    from .datasets import clean_split
+    from .datasets import ImageFolderDataset, clean_split
     from .distributed import current, rank
 
     t_start = time.perf_counter()
@@ -140,12 +142,20 @@ def run_purify(*, arch: str, checkpoint: str, data: str, out: str, config: ANPCo
         log(f"warning: the clean data has {pool} images, so one image is {100.0 / pool:.1f} accuracy points, more "
             f"than the {budget:g}-point budget: auto pruning can only stop where no clean image is lost; give "
             "more clean data for a finer choice")
-    clean = Subset(loaded.norm_train, clean_idx.tolist())
-    holdout = Subset(loaded.norm_train, holdout_idx.tolist()) if len(holdout_idx) else None
+    collective = current(config.local_statistics) if config.distributed is not False else None
+    norm_train = loaded.norm_train
+    if image_cache is not False and isinstance(splits.train, ImageFolderDataset):
+        from .evaluation import Normalized
+        from .image_cache import cached_images
+
+        used = sorted(set(clean_idx.tolist()) | set(holdout_idx.tolist()))
+        train = cached_images(splits.train, used, image_cache or None, workers, progress, log, collective)
+        norm_train = Normalized(train, splits.mean, splits.std)
+    clean = Subset(norm_train, clean_idx.tolist())
+    holdout = Subset(norm_train, holdout_idx.tolist()) if len(holdout_idx) else None
     triggered = asr_dataset(splits, trigger, target)
     device = torch.device(config.device) if config.device else torch.device("cpu")
     model = loaded.model.to(device)
-    collective = current(config.local_statistics) if config.distributed is not False else None
     evaluator = Evaluator(device, loaded.norm_test, holdout, triggered, target, workers, clean=clean,
                           collective=collective)  # several processes: each evaluates its part
     for note in loaded.notes:

@@ -119,8 +119,21 @@ class ImageFolderDataset(Dataset):
         return load_image(path, self.size, self.resize), label
 
 
+_DECODED = [0]  # images decoded from files by this process (decode_image)
+
+
+def images_decoded() -> int:
+    """How many image files this process has decoded so far (a DataLoader worker counts its own)."""
+    return _DECODED[0]
+
+
 def load_image(path: str, size: int, resize: int) -> Tensor:
     """One image as float [0, 1] (3, size, size): shorter side to ``resize`` (bilinear), centre crop."""
+    return decode_image(path, size, resize).float().div_(255)
+
+
+def decode_image(path: str, size: int, resize: int) -> Tensor:
+    """One image file as uint8 (3, size, size): shorter side to ``resize`` (bilinear), centre crop."""
     from PIL import Image, UnidentifiedImageError
 
     try:
@@ -138,7 +151,8 @@ def load_image(path: str, size: int, resize: int) -> Tensor:
             pixels = np.asarray(img, dtype=np.uint8).copy()
     except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError) as exc:
         raise DataError(f"image {path} could not be read: {exc}") from None
-    return torch.from_numpy(pixels).permute(2, 0, 1).float().div_(255).contiguous()
+    _DECODED[0] += 1
+    return torch.from_numpy(pixels).permute(2, 0, 1).contiguous()
 
 
 # --------------------------------------------------------------------------------------------- CIFAR reading

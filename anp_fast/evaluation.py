@@ -42,6 +42,8 @@ def labels_of(ds: Dataset) -> torch.Tensor:
         return torch.as_tensor(targets).long()
     if isinstance(ds, Subset):
         return labels_of(ds.dataset)[torch.as_tensor(ds.indices)]
+    if isinstance(ds, Normalized):  # its labels are its base's (a trigger moves no label): never decode images
+        return labels_of(ds.base)
     tensors = getattr(ds, "tensors", None)
     if tensors is not None:
         return tensors[1].long()
