@@ -136,12 +136,22 @@ def unlearn(model: nn.Module, epochs: Callable[[int], Iterable[Tuple[Tensor, Ten
     return net, {"epochs": len(history), "clean_acc_per_epoch": history, "threshold_reached": reached}
 
 
+def _collective(config: ANPConfig):
+    if config.distributed is False:
+        return None
+    from .distributed import current
+
+    return current(config.local_statistics)
+
+
 def rnp(model: nn.Module, clean, config: ANPConfig, *, options: Optional[RNPConfig] = None,
         progress: bool = True, state_dir: Optional[str] = None, resume: bool = False, save_every: int = 0,
         monitor=None, monitor_every: int = 100) -> ANPResult:
     """Reconstructive Neuron Pruning: unlearn a copy, learn masks on it (the ANP mask step with no noise), return
     the masks; pruning them from the ORIGINAL model is the caller's (as for ANP). ``config`` gives the seed,
-    device, precision and fast paths; RNP's own settings come from ``options`` (published defaults)."""
+    device, precision and fast paths; RNP's own settings come from ``options`` (published defaults). Under
+    several processes every process unlearns the whole clean set (a short phase), rank 0's copy is broadcast
+    and saved; the mask step runs data-parallel like ANP's."""
     opts = options if options is not None else RNPConfig()
     x, y = _tensors(clean)
     from .engine import _device_of
@@ -165,7 +175,13 @@ def rnp(model: nn.Module, clean, config: ANPConfig, *, options: Optional[RNPConf
                 yield x[idx], y[idx]
 
         net, info = unlearn(model, epoch_batches, len(x), opts, device, progress)
-        if unlearned_path:
+        collective = _collective(config)
+        if collective is not None:  # every process unlearned the same copy; rank 0's is the one (bit for bit)
+            import torch.distributed as dist
+
+            for t in net.state_dict().values():
+                dist.broadcast(t, src=0, group=collective.group)
+        if unlearned_path and (collective is None or collective.rank == 0):
             atomic_torch_save({"state_dict": net.state_dict(), "info": info}, unlearned_path)
     unlearn_s = time.perf_counter() - start
     recover = config.replace(eps=0.0, alpha=opts.alpha, lr=opts.recover_lr, momentum=opts.recover_momentum,
