@@ -45,6 +45,10 @@ class Collective:
         if n < self.world:
             raise ConfigError(f"a batch of {n} cannot be split over {self.world} processes (one image each at "
                               "least): give a larger batch size or fewer processes")
+        return self.share(n)
+
+    def share(self, n: int) -> slice:
+        """This rank's contiguous share of ``n`` items (sizes differ by at most one; empty when n < world)."""
         return slice(n * self.rank // self.world, n * (self.rank + 1) // self.world)
 
     def all_reduce_(self, tensors: Sequence[Tensor]) -> None:

@@ -125,8 +125,7 @@ class Evaluator:
         hits for ``triggered``)."""
         ds = getattr(self, name)
         n = len(ds)
-        part = slice(n * self.collective.rank // self.collective.world,
-                     n * (self.collective.rank + 1) // self.collective.world) if self.collective else slice(0, n)
+        part = self.collective.share(n) if self.collective is not None else slice(0, n)
         if self.collective is not None:
             ds = Subset(ds, range(part.start, part.stop))
         out = logits(model, ds, self.device, workers=self.workers) if len(ds) else torch.zeros(0, 1)
