@@ -42,9 +42,8 @@ def test_compiled_step_first_thing_in_a_fresh_process():
         "torch.manual_seed(0)\n"
         "model = resnet18(num_classes=3, in_channels=1, width=4)\n"
         "x, y = torch.randn(4, 1, 8, 8), torch.randint(0, 3, (4,))\n"
-        "for fused in (False, True):\n"
-        "    e = ANPEngine(model, ANPConfig(compile=True, fullgraph=True, fused_kernels=fused, seed=1))\n"
-        "    print(float(e.step(x, y)))\n")
+        "e = ANPEngine(model, ANPConfig(compile=True, fullgraph=True, fused_kernels=True, seed=1))\n"
+        "print(float(e.step(x, y)))\n")  # the fused kernels: their imports are what a fresh process can miss
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert len(done.stdout.split()) == 2
+    assert len(done.stdout.split()) == 1

@@ -260,8 +260,13 @@ def test_the_sweep_evaluation_is_shared_between_processes(tmp_path):
                 assert row[key] == pytest.approx(ref[key], rel=1e-6, abs=1e-9), key
 
 
-def _mismatch_worker(rank, world, init_file, out_dir, differ):
-    """Rank 1 builds its engine (or runs its loop) with one thing changed; both record what they raise."""
+MISMATCHES = [("option", "option eps"), ("weights", "model weights"), ("layers", "perturbable layer layout"),
+              ("data", "clean data"), ("nothing", None)]
+
+
+def _mismatch_worker(rank, world, init_file, out_dir):
+    """For each scenario, rank 1 builds its engine (or runs its loop) with one thing changed; both record what
+    they raise (one process group for all the scenarios)."""
     import torch.distributed as dist
 
     from anp_fast import ANPConfig, ANPEngine, optimize_masks
@@ -269,52 +274,51 @@ def _mismatch_worker(rank, world, init_file, out_dir, differ):
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    torch.manual_seed(0)
-    model = dist_worker.MixedNorms()
-    config = ANPConfig(iters=2, batch_size=8, device="cpu")
-    x, y = torch.rand(16, 3, 8, 8, generator=torch.Generator().manual_seed(1)), torch.arange(16) % 10
-    if rank == 1:
-        if differ == "option":
-            config = ANPConfig(iters=2, batch_size=8, device="cpu", eps=0.3)
-        elif differ == "weights":
-            with torch.no_grad():
-                model.head.weight[0, 0] += 1e-3
-        elif differ == "layers":
-            model.ln = torch.nn.Identity()
-        elif differ == "data":
-            x = x.clone()
-            x[3, 0, 0, 0] += 0.5
-    try:
-        if differ == "data":
-            optimize_masks(model, (x, y), config, progress=False)
-        else:
-            ANPEngine(model, config)
-        message = "accepted"
-    except ConfigError as exc:
-        message = str(exc)
-    with open(os.path.join(out_dir, f"mismatch{rank}.txt"), "w") as f:
-        f.write(message)
+    for differ, _ in MISMATCHES:
+        torch.manual_seed(0)
+        model = dist_worker.MixedNorms()
+        config = ANPConfig(iters=2, batch_size=8, device="cpu")
+        x, y = torch.rand(16, 3, 8, 8, generator=torch.Generator().manual_seed(1)), torch.arange(16) % 10
+        if rank == 1:
+            if differ == "option":
+                config = ANPConfig(iters=2, batch_size=8, device="cpu", eps=0.3)
+            elif differ == "weights":
+                with torch.no_grad():
+                    model.head.weight[0, 0] += 1e-3
+            elif differ == "layers":
+                model.ln = torch.nn.Identity()
+            elif differ == "data":
+                x = x.clone()
+                x[3, 0, 0, 0] += 0.5
+        try:
+            if differ == "data":
+                optimize_masks(model, (x, y), config, progress=False)
+            else:
+                ANPEngine(model, config)
+            message = "accepted"
+        except ConfigError as exc:
+            message = str(exc)
+        with open(os.path.join(out_dir, f"mismatch-{differ}-{rank}.txt"), "w") as f:
+            f.write(message)
     dist.destroy_process_group()
     from anp_fast.distributed import exit_now
 
     exit_now(0)  # see dist_worker.worker
 
 
-@pytest.mark.parametrize("differ, named", [("option", "option eps"), ("weights", "model weights"),
-                                           ("layers", "perturbable layer layout"), ("data", "clean data"),
-                                           ("nothing", None)])
-def test_processes_given_different_models_or_options_refuse_to_start(tmp_path, differ, named):
+def test_processes_given_different_models_or_options_refuse_to_start(tmp_path):
     """A hash of the options, the perturbable layer layout, the weights and the clean data is compared at the
     start: any difference stops every process with one error naming it (and the same run goes on when all
     agree)."""
-    mp.spawn(_mismatch_worker, args=(2, str(tmp_path / "init"), str(tmp_path), differ), nprocs=2, join=True)
-    messages = [(tmp_path / f"mismatch{r}.txt").read_text() for r in range(2)]
-    if named is None:
-        assert messages == ["accepted", "accepted"]
-        return
-    assert messages[0] == messages[1], messages
-    assert named in messages[0] and "rank 1 differs from rank 0" in messages[0], messages[0]
-    assert messages[0].startswith("the 2 processes were given different"), messages[0]
+    mp.spawn(_mismatch_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    for differ, named in MISMATCHES:
+        messages = [(tmp_path / f"mismatch-{differ}-{r}.txt").read_text() for r in range(2)]
+        if named is None:
+            assert messages == ["accepted", "accepted"]
+            continue
+        assert messages[0] == messages[1], messages
+        assert named in messages[0] and "rank 1 differs from rank 0" in messages[0], messages[0]
+        assert messages[0].startswith("the 2 processes were given different"), messages[0]
 
 
 def _hung_worker(rank, world, init_file, out_dir):
