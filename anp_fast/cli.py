@@ -493,12 +493,11 @@ def main(argv: Optional[List[str]] = None) -> int:
 def _launch(nproc: int, argv: List[str]) -> int:
     """Run this command line in ``nproc`` processes through torch's elastic launcher (what torchrun
     --standalone does), without --nproc; rank 0 reports."""
-    import uuid
-
     if nproc < 1:
         raise SystemExit(f"anp-fast: error: --nproc {nproc}: must be >= 1")
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    from .distributed import cores, standalone_launch
 
     rest, skip = [], False
     for arg in argv:
@@ -509,15 +508,9 @@ def _launch(nproc: int, argv: List[str]) -> int:
         elif not arg.startswith("--nproc="):
             rest.append(arg)
     if "OMP_NUM_THREADS" not in os.environ:  # the launched processes share this one's cores
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-        os.environ["OMP_NUM_THREADS"] = str(max(1, cores // nproc))
-    config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=str(uuid.uuid4()),
-                          rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=0, monitor_interval=0.5)
-    import logging
-
-    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)  # we say it in one line
+        os.environ["OMP_NUM_THREADS"] = str(max(1, cores() // nproc))
     try:
-        elastic_launch(config, sys.executable)("-m", "anp_fast", *rest)
+        standalone_launch(nproc, ["-m", "anp_fast", *rest])
     except ChildFailedError as exc:
         # the first to fail on its own: processes that stopped because another one failed come last (their
         # failure times have a resolution of one second)

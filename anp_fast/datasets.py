@@ -129,7 +129,12 @@ def images_decoded() -> int:
 
 def load_image(path: str, size: int, resize: int) -> Tensor:
     """One image as float [0, 1] (3, size, size): shorter side to ``resize`` (bilinear), centre crop."""
-    return decode_image(path, size, resize).float().div_(255)
+    return to_unit(decode_image(path, size, resize))
+
+
+def to_unit(pixels: Tensor) -> Tensor:
+    """uint8 pixels as float32 in [0, 1] (every decoded image, cached or not, goes through this)."""
+    return pixels.float().div_(255)
 
 
 def decode_image(path: str, size: int, resize: int) -> Tensor:

@@ -165,6 +165,27 @@ def init_from_env(timeout_s: Optional[float] = None) -> bool:
     return True
 
 
+def cores() -> int:
+    """The cores this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def standalone_launch(nproc: int, argv: Sequence[str], monitor_interval: float = 0.5) -> None:
+    """Run ``python ARGV`` in ``nproc`` processes on this machine through torch's elastic launcher (what
+    ``torchrun --standalone`` does: free port, no restarts), its own logging silenced. Raises torch's
+    ChildFailedError when a process fails."""
+    import logging
+    import uuid
+
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=str(uuid.uuid4()),
+                          rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=0,
+                          monitor_interval=monitor_interval)
+    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)  # callers say it in one line
+    elastic_launch(config, sys.executable)(*argv)
+
+
 def exit_now(code: int) -> None:
     """End this process with ``code`` now, skipping the interpreter's shutdown: a gloo worker thread can still
     be releasing the tensors of the last collective when the interpreter finalises, and it then aborts the

@@ -75,7 +75,9 @@ class CachedImages(Dataset):
         r = self.rows.get(int(i))
         if r is None:
             return self.base[i]
-        return torch.from_numpy(np.array(self.array[r])).float().div_(255), int(self.targets[i])
+        from .datasets import to_unit
+
+        return to_unit(torch.from_numpy(np.array(self.array[r]))), int(self.targets[i])
 
 
 def cache_key(base, indices: Sequence[int]) -> str:

@@ -26,14 +26,9 @@ import subprocess
 import sys
 import tempfile
 import time
-import uuid
 from typing import Dict, List, Optional
 
 import torch
-
-
-def _cores() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 # ------------------------------------------------------------------------------------------ in each process
@@ -118,16 +113,12 @@ def _launch(args, nproc: int, threads: int, local: bool, result: str) -> None:
         if proc.returncode != 0:
             raise RuntimeError(f"the one-process run failed:\n{proc.stderr[-2000:]}")
         return
-    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
-    import logging
+    from anp_fast.distributed import standalone_launch
 
-    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
-    config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=str(uuid.uuid4()),
-                          rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=0, monitor_interval=0.1)
     old = os.environ.get("OMP_NUM_THREADS")
     os.environ["OMP_NUM_THREADS"] = str(threads)
     try:
-        elastic_launch(config, sys.executable)(*argv)
+        standalone_launch(nproc, argv, monitor_interval=0.1)
     finally:
         if old is None:
             os.environ.pop("OMP_NUM_THREADS", None)
@@ -136,7 +127,9 @@ def _launch(args, nproc: int, threads: int, local: bool, result: str) -> None:
 
 
 def run(args, log=print) -> Dict:
-    cores = args.threads or _cores()
+    from anp_fast.distributed import cores as machine_cores
+
+    cores = args.threads or machine_cores()
     n = args.nproc
     if cores < n and args.device == "cpu":
         log(f"note: {n} processes on {cores} core(s): each gets 1 thread, the cores are oversubscribed")
