@@ -51,7 +51,39 @@ def _extensions():
                                   include_dirs=include,
                                   extra_compile_args={"cxx": ["-O3"],
                                                       "nvcc": ["-O3"]}))
-    return exts, {"build_ext": BuildExtension.with_options(use_ninja=True)}
+    return exts, {"build_ext": _parallel(BuildExtension).with_options(use_ninja=True)}
+
+
+def _parallel(base):
+    """``base`` building its extensions at the same time (the three CPU variants are one heavy translation unit
+    each: serially they were most of the install's time on a 2-core machine). torch's ninja compile writes one
+    build.ninja into the build folder it is given, so each extension compiles in a folder of its own."""
+    import hashlib
+    import threading
+
+    class ParallelBuild(base):
+        _lock = threading.Lock()
+
+        def finalize_options(self):
+            super().finalize_options()
+            if not self.parallel:
+                self.parallel = max(1, min(len(self.extensions or ()), os.cpu_count() or 1))
+
+        def build_extension(self, ext):
+            with self._lock:  # wrap torch's compile once, before the first extension compiles
+                if not getattr(self.compiler.compile, "own_folder", False):
+                    compile_in = self.compiler.compile
+
+                    def compile(sources, output_dir=None, *args, **kwargs):
+                        key = repr((sources, kwargs.get("extra_postargs"), args)).encode()
+                        folder = os.path.join(output_dir or ".", hashlib.sha1(key).hexdigest()[:12])
+                        return compile_in(sources, folder, *args, **kwargs)
+
+                    compile.own_folder = True
+                    self.compiler.compile = compile
+            super().build_extension(ext)
+
+    return ParallelBuild
 
 
 ext_modules, cmdclass = _extensions()

@@ -16,16 +16,23 @@ from anp_fast.models import resnet18
 def test_demo_purifies_at_one_and_two_threads(tmp_path):
     """The acceptance on a real backdoor, for users with one core and with two (seeded runs differ between
     thread counts: reduction order): ASR >= 95% before, <= 5% after, ACC drop <= 2 points, the amount chosen by
-    the held-out clean rule. In bf16 to fit CI's time, one run after the other: on CI's two cores, running both
-    at once oversubscribes them (3 threads) and the 2-thread run's training took 7x longer (measured: 71 s
-    against 9.4 s alone)."""
+    the held-out clean rule. In bf16 to fit CI's time. Both runs at once, with OpenMP threads that sleep rather
+    than spin while they wait: 3 spinning threads on CI's two cores made the 2-thread run's training 7x slower
+    (71 s against 9.4 s alone), passive ones finish both demos in 367 s against 330 + 250 s one after the
+    other. The thread count, not the load, fixes the reduction order, so each result is that of a quiet run."""
+    procs = {}
     for threads in (2, 1):
+        env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
+               "OMP_WAIT_POLICY": "PASSIVE"}
+        with open(tmp_path / f"out{threads}", "w") as stdout, open(tmp_path / f"err{threads}", "w") as stderr:
+            procs[threads] = subprocess.Popen(  # files, not pipes: neither run can block on a full pipe
+                [sys.executable, "-m", "anp_fast.cli", "demo", "--out", str(tmp_path / f"demo{threads}"),
+                 "--no-progress", "--precision", "bf16"], env=env, stdout=stdout, stderr=stderr)
+    for proc in procs.values():
+        proc.wait(timeout=1500)
+    for threads, proc in procs.items():
         out = tmp_path / f"demo{threads}"
-        env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "anp_fast.cli", "demo", "--out", str(out), "--no-progress", "--precision", "bf16"],
-            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        stdout, stderr = proc.communicate(timeout=1500)
+        stdout, stderr = (tmp_path / f"out{threads}").read_text(), (tmp_path / f"err{threads}").read_text()
         assert proc.returncode == 0, stderr[-2000:]
         summary = json.loads((out / "summary.json").read_text())
         assert summary["threads"] == threads
