@@ -71,3 +71,18 @@ def test_summary_takes_median_and_worst_seed():
     assert row["acc_drop_worst"] == pytest.approx(0.03) and row["acc_drop_median"] == pytest.approx(0.01)
     assert row["masks_asr_worst"] == 0.4 and row["masks_drop_worst"] == pytest.approx(0.04)
     assert row["evidence_asr_worst"] == pytest.approx(0.7) and row["evidence_drop_worst"] == 0.0
+
+
+def test_a_data_set_with_its_own_trigger_is_named_in_the_table(tmp_path, monkeypatch):
+    monkeypatch.setattr(quality, "plot", lambda results, path: None)
+
+    def result(data, attack):
+        return {"data": data, "attack": attack, "rate": 0.1, "method": "anp", "seed": 0, "pruned": 3,
+                "before": {"acc": 0.99, "asr": 1.0}, "after": {"acc": 0.98, "asr": 0.0},
+                "oracle": {"acc": 0.98, "asr": 0.0}, "rules": {}}
+    assert quality.attack_spec("digits-cifar", "wanet") == "wanet:s=1.0,cross_ratio=0"
+    assert quality.attack_spec("mnist5k", "wanet") == "wanet"
+    quality.write_report([result("digits-cifar", "wanet"), result("mnist5k", "wanet")], str(tmp_path))
+    table = (tmp_path / "quality.md").read_text()
+    assert "| digits-cifar | wanet* |" in table and "| mnist5k | wanet |" in table
+    assert "digits-cifar wanet: `wanet:s=1.0,cross_ratio=0` (not the published `wanet`" in table
