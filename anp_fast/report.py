@@ -18,8 +18,8 @@ def write_csv(path: str, rows: Sequence[Mapping]) -> None:
     import io
 
     buf = io.StringIO()
-    if rows:
-        writer = csv.DictWriter(buf, fieldnames=list(rows[0].keys()))
+    if rows:  # every row's columns, in the order first seen; a row without one leaves it empty
+        writer = csv.DictWriter(buf, fieldnames=list(dict.fromkeys(k for row in rows for k in row)))
         writer.writeheader()
         writer.writerows(rows)
     atomic_write_text(path, buf.getvalue())

@@ -86,3 +86,11 @@ def test_a_data_set_with_its_own_trigger_is_named_in_the_table(tmp_path, monkeyp
     table = (tmp_path / "quality.md").read_text()
     assert "| digits-cifar | wanet* |" in table and "| mnist5k | wanet |" in table
     assert "digits-cifar wanet: `wanet:s=1.0,cross_ratio=0` (not the published `wanet`" in table
+
+
+def test_the_csv_takes_the_columns_of_every_row(tmp_path):
+    """Cells measured before a reference rule existed have no column for it; the CSV still holds every row."""
+    from anp_fast.report import write_csv
+
+    write_csv(str(tmp_path / "t.csv"), [{"a": 1, "b": 2}, {"a": 3, "c": 4}])
+    assert (tmp_path / "t.csv").read_text().splitlines() == ["a,b,c", "1,2,", "3,,4"]
