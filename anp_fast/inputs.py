@@ -44,8 +44,10 @@ def parse_prune_rule(text: str) -> Dict:
             return {"fraction": v}
     except ValueError:
         pass
+    from .selection import AUTO_MODES
+
     raise ConfigError(f"--prune {text!r}: use threshold:T (e.g. threshold:0.2), number:K, fraction:F (0-1), auto "
-                      "or auto:MODE (walk, masks, most, first)")
+                      f"or auto:MODE ({', '.join(AUTO_MODES)})")
 
 
 def check_rule(rule: Dict, budget: float, holdout_fraction: float) -> None:
