@@ -16,7 +16,7 @@ from .evaluation import Normalized, labels_of
 
 
 def parse_prune_rule(text: str) -> Dict:
-    """'threshold:T' | 'number:K' | 'fraction:F' | 'auto[:walk|masks|most|first]' -> a dict for
+    """'threshold:T' | 'number:K' | 'fraction:F' | 'auto[:walk|masks|evidence|most|first]' -> a dict for
     pruning.select_pruned (or auto, with its selection mode: see selection.choose)."""
     from .selection import AUTO_MODES
 
@@ -44,8 +44,6 @@ def parse_prune_rule(text: str) -> Dict:
             return {"fraction": v}
     except ValueError:
         pass
-    from .selection import AUTO_MODES
-
     raise ConfigError(f"--prune {text!r}: use threshold:T (e.g. threshold:0.2), number:K, fraction:F (0-1), auto "
                       f"or auto:MODE ({', '.join(AUTO_MODES)})")
 
