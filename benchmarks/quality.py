@@ -225,7 +225,8 @@ def eval_stage(cell: Cell, method: str, s: Settings, log, force: bool = False) -
     result = {"cell": cell.key, "data": cell.data, "attack": cell.attack, "rate": cell.rate, "seed": cell.seed,
               "method": method, "before": before, "after": after, "pruned": n, "chosen": chosen, "rules": outcomes,
               "oracle": _oracle(rows, before), "neurons": sum(int(m.numel()) for m in masks.values()),
-              "learn": _read_json(os.path.join(folder, "learn.json")), "stop": stop}
+              "learn": _read_json(os.path.join(folder, "learn.json")), "stop": stop,
+              "walk_decide_fraction": selection.WALK_DECIDE_FRACTION}  # absent in cells from before it existed: 1
     _write_json(out, result)
     return result
 

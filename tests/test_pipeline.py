@@ -330,6 +330,41 @@ def test_clean_walk_is_checked_on_the_held_out_split_and_backs_off():
     assert rule == {"neurons": {"1": [0, 1]}} and not report["verified"] and report["walked"] == 2
 
 
+
+def test_clean_walk_decides_on_a_share_of_the_budget_when_a_held_out_split_checks():
+    """``decide_fraction``: the walk's decisions may spend only that share of the budget on the deciding set
+    (the held-out check keeps the whole budget). Pruning channel 0 costs 5 points on the clean set (2 of 40
+    images need it) and nothing on the held-out split: within a 6-point budget, refused at half of it."""
+    from torch.utils.data import TensorDataset
+
+    from anp_fast.evaluation import Evaluator
+    from anp_fast.selection import walk
+
+    model = torch.nn.Sequential(torch.nn.Conv2d(2, 2, 1, bias=False), torch.nn.BatchNorm2d(2),
+                                torch.nn.Flatten(), torch.nn.Linear(2, 2, bias=False))
+    with torch.no_grad():
+        model[0].weight.copy_(torch.eye(2).view(2, 2, 1, 1))
+        model[3].weight.copy_(torch.tensor([[-1.0, -1.0], [1.0, 1.0]]))
+    model.eval()
+    y = torch.arange(40) % 2
+    sign = (2.0 * y - 1).float()
+    a, b = sign.clone(), sign.clone()
+    a[:2], b[:2] = 3 * sign[:2], -sign[:2]  # right only while channel 0 is there
+    clean = TensorDataset(torch.stack([a, b], 1).view(-1, 2, 1, 1), y)
+    holdout = TensorDataset(torch.stack([sign, sign], 1).view(-1, 2, 1, 1), y)
+    evaluator = Evaluator(torch.device("cpu"), holdout, holdout, None, None, clean=clean)
+    masks = {"1": torch.tensor([0.05, 0.9])}
+    options = dict(max_fraction=0.5, evidence=False)  # the walk reads channel 0 only
+    assert walk(model, masks, evaluator, 6.0, **options)[0] == {"neurons": {"1": [0]}}
+    assert walk(model, masks, evaluator, 6.0, decide_fraction=0.5, **options)[0] == {"neurons": {}}
+    assert walk(model, masks, evaluator, 12.0, decide_fraction=0.5, **options)[0] == {"neurons": {"1": [0]}}
+    # unverified (all clean data decides: 2 of 80 images, 2.5 points), nothing checks: the whole budget decides
+    assert walk(model, masks, evaluator, 3.0, decide_fraction=0.5, verify=False, **options)[0] == {
+        "neurons": {"1": [0]}}
+    for bad in (0.0, 1.5):
+        with pytest.raises(ConfigError, match="decide_fraction"):
+            walk(model, masks, evaluator, 6.0, decide_fraction=bad, **options)
+
 # Mistakes found by probing the CLI: each refused up front, in one line, before anything is written or run.
 @pytest.mark.parametrize("extra,message", [
     (["--prune", "number:4000"], "--prune number:4000: the model has"),
