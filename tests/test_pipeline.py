@@ -330,7 +330,6 @@ def test_clean_walk_is_checked_on_the_held_out_split_and_backs_off():
     assert rule == {"neurons": {"1": [0, 1]}} and not report["verified"] and report["walked"] == 2
 
 
-
 def test_clean_walk_decides_on_a_share_of_the_budget_when_a_held_out_split_checks():
     """``decide_fraction``: the walk's decisions may spend only that share of the budget on the deciding set
     (the held-out check keeps the whole budget). Pruning channel 0 costs 5 points on the clean set (2 of 40
@@ -364,6 +363,7 @@ def test_clean_walk_decides_on_a_share_of_the_budget_when_a_held_out_split_check
     for bad in (0.0, 1.5):
         with pytest.raises(ConfigError, match="decide_fraction"):
             walk(model, masks, evaluator, 6.0, decide_fraction=bad, **options)
+
 
 # Mistakes found by probing the CLI: each refused up front, in one line, before anything is written or run.
 @pytest.mark.parametrize("extra,message", [
