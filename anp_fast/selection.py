@@ -98,7 +98,8 @@ def _clean_tensors(evaluator, split: bool = False):
 def walk(model: nn.Module, masks: Mapping[str, Tensor], evaluator, budget_points: float = RUN.budget,
          tau: float = WALK_TAU, floor: float = WALK_FLOOR, patience: int = WALK_PATIENCE,
          max_fraction: float = WALK_MAX_FRACTION, evidence: bool = True, suspect_tau: Optional[float] = SUSPECT_TAU,
-         verify: bool = True, decide_fraction: float = WALK_DECIDE_FRACTION, progress: bool = False) -> Dict:
+         verify: bool = True, decide_fraction: float = WALK_DECIDE_FRACTION, progress: bool = False,
+         incremental: bool = True) -> Dict:
     """Which neurons to prune, from clean data only: walk the neurons from the lowest mask up and prune each
     one unless pruning it (on top of those already pruned) raises the mean clean cross-entropy by more than
     ``tau`` nats (tested only for masks >= ``floor``) or takes the clean accuracy more than ``budget_points``
@@ -132,6 +133,10 @@ def walk(model: nn.Module, masks: Mapping[str, Tensor], evaluator, budget_points
     lower median drop (0.42 against 0.84 points) and the worse worst case (1.95 against 1.39):
     ``benchmarks/results/walk_budget_20261207``.
 
+    ``incremental`` (default): each of the walk's forwards over the deciding set starts at the last cut point
+    before the changed layer (:class:`anp_fast.suffix.SuffixRunner`; the same outputs bit for bit; a model
+    ``torch.fx`` cannot trace runs whole).
+
     Cost: one forward over the clean data per neuron walked (on the demo about 650 of 1,200 neurons, 30-65 s
     on one core) and about 20 over the held-out split; for models with many thousand neurons ``auto:most`` is
     the cheap choice. Returns the rule ``{"neurons": {layer: [index, ...]}}`` for
@@ -139,6 +144,7 @@ def walk(model: nn.Module, masks: Mapping[str, Tensor], evaluator, budget_points
     accepted by the walk, "verified": whether a held-out check ran, "kept": pruned after it}``."""
     from .evidence import suspects as find_suspects
     from .pruning import _check_layers, _flat, scale_rows
+    from .suffix import SuffixRunner
     import torch.nn.functional as F
 
     if not (tau >= 0 and isinstance(patience, int) and patience >= 1 and 0 <= max_fraction <= 1
@@ -163,6 +169,15 @@ def walk(model: nn.Module, masks: Mapping[str, Tensor], evaluator, budget_points
             out = torch.cat([work(x[i:i + 256].to(device)).float().cpu() for i in range(0, len(x), 256)])
         return float(F.cross_entropy(out, y)), float((out.argmax(1) == y).float().mean())
 
+    # the deciding set's forwards start at the changed layer (bit for bit the whole forward's results)
+    runner = SuffixRunner(work, x, chunk=256, device=device) if incremental else None
+
+    def decide_eval(name: str):
+        if runner is None:
+            return clean_eval()
+        out = runner([name])
+        return float(F.cross_entropy(out, y)), float((out.argmax(1) == y).float().mean())
+
     base_loss, base_acc = clean_eval()
     prev = base_loss
     decide_points = budget_points * decide_fraction if held is not None else budget_points
@@ -177,11 +192,13 @@ def walk(model: nn.Module, masks: Mapping[str, Tensor], evaluator, budget_points
         with torch.no_grad():
             saved = w[i].clone()
             w[i] = 0
-        loss, acc = clean_eval()
+        loss, acc = decide_eval(name)
         if (limit is not None and loss - prev > limit) or 100 * (base_acc - acc) > decide_points + 1e-9:
             with torch.no_grad():
                 w[i] = saved
             return False
+        if runner is not None:
+            runner.commit([name])
         chosen.add(j)
         accepted.append((j, saved))
         prev = loss
