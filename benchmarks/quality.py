@@ -201,7 +201,10 @@ def eval_stage(cell: Cell, method: str, s: Settings, log, force: bool = False) -
     folder = os.path.join(s.work, cell.key, method)
     out = os.path.join(folder, "eval.json")
     if os.path.exists(out) and not force:
-        return _read_json(out)
+        old = _read_json(out)
+        if rule_of(old) == current_rule():
+            return old
+        log(f"{cell.key} {method}: evaluated under {rule_of(old)}, re-evaluating under {current_rule()}")
     model, _, evaluator = _setup(cell, s)
     masks = load_masks(os.path.join(folder, "masks.txt"))
     before = evaluator(model)
@@ -225,10 +228,24 @@ def eval_stage(cell: Cell, method: str, s: Settings, log, force: bool = False) -
     result = {"cell": cell.key, "data": cell.data, "attack": cell.attack, "rate": cell.rate, "seed": cell.seed,
               "method": method, "before": before, "after": after, "pruned": n, "chosen": chosen, "rules": outcomes,
               "oracle": _oracle(rows, before), "neurons": sum(int(m.numel()) for m in masks.values()),
-              "learn": _read_json(os.path.join(folder, "learn.json")), "stop": stop,
-              "walk_decide_fraction": selection.WALK_DECIDE_FRACTION}  # absent in cells from before it existed: 1
+              "learn": _read_json(os.path.join(folder, "learn.json")), "stop": stop, **current_rule()}
     _write_json(out, result)
     return result
+
+
+# the default rule's settings an evaluation records, with their values for cells from before they were recorded
+RULE_SETTINGS = {"walk_floor": 0.2, "walk_decide_fraction": 1.0}
+
+
+def current_rule() -> Dict:
+    from anp_fast import selection
+
+    return {"walk_floor": selection.WALK_FLOOR, "walk_decide_fraction": selection.WALK_DECIDE_FRACTION}
+
+
+def rule_of(result: Dict) -> Dict:
+    """The default rule's settings ``result`` was evaluated with."""
+    return {k: result.get(k, v) for k, v in RULE_SETTINGS.items()}
 
 
 def run_cell(cell: Cell, methods: List[str], s: Settings, evaluate: bool = True, force_eval: bool = False) -> Dict:
@@ -300,7 +317,9 @@ def passes(row: Dict) -> Optional[bool]:
     return row["asr_after_worst"] <= 0.05 + 1e-9 and row["acc_drop_worst"] <= 0.02 + 1e-9
 
 
-def write_report(results: List[Dict], out: str) -> List[Dict]:
+def write_report(results: List[Dict], out: str, stale: Optional[List[Dict]] = None) -> List[Dict]:
+    """The table, CSV, cells.json and plot of ``results``; ``stale``: cells evaluated under an earlier default
+    rule, listed below the table and counted nowhere."""
     from anp_fast.report import write_csv
 
     os.makedirs(out, exist_ok=True)
@@ -336,6 +355,13 @@ def write_report(results: List[Dict], out: str) -> List[Dict]:
             lines.append(f"| {r['cell']} | {r['method']} | {st['stopped_at'] or 'never'} | {st['saved']} | "
                          f"{'-' if st['stopped_at'] is None else ('yes' if st.get('same_set') else 'NO')} | "
                          f"{_pct(at.get('acc')) if at else '-'}/{_pct(at.get('asr')) if at else '-'} |")
+    if stale:
+        lines += ["", f"Cells evaluated under an earlier default rule (not in the table; the runner re-evaluates them, "
+                      f"current rule {current_rule()}):", "",
+                  "| cell | method | rule | ACC/ASR before | ACC/ASR after |", "|---|---|---|---|---|"]
+        for r in stale:
+            lines.append(f"| {r['cell']} | {r['method']} | {rule_of(r)} | {_pct(r['before']['acc'])}/"
+                         f"{_pct(r['before'].get('asr'))} | {_pct(r['after']['acc'])}/{_pct(r['after'].get('asr'))} |")
     with open(os.path.join(out, "quality.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     plot(results, os.path.join(out, "quality.png"))
@@ -444,7 +470,9 @@ def main(argv: Optional[List[str]] = None) -> int:
                          for m, r in done["results"].items()]
                 print(f"{cell.key} ({done['seconds']:.0f}s): " + "; ".join(parts), flush=True)
     if args.report:
-        rows = write_report(collect(s.work), args.report)
+        results = collect(s.work)
+        current = [r for r in results if rule_of(r) == current_rule()]
+        rows = write_report(current, args.report, stale=[r for r in results if rule_of(r) != current_rule()])
         print(f"wrote quality.md, quality.csv, cells.json, quality.png ({len(rows)} rows) to {args.report}")
     return 0
 

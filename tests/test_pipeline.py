@@ -277,13 +277,18 @@ def test_clean_walk_keeps_costly_neurons_and_goes_on():
 
     model, masks, evaluator = _walk_problem()
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    # 0 pruned; 1 pruned unconditionally (mask < floor 0.2); 2 kept (loss up); 3 pruned; 4, 5 kept -> stop
+    # every neuron takes the loss test by default: 0 pruned; 1, 2 kept (loss up); 3 pruned; 4, 5 kept
     full = dict(max_fraction=1.0)
-    assert walk(model, masks, evaluator, 2.0, tau=1e-6, patience=2, **full)[0] == {"neurons": {"1": [0, 1, 3]}}
-    assert walk(model, masks, evaluator, 2.0, tau=1e-6, patience=1, **full)[0] == {"neurons": {"1": [0, 1]}}
-    assert walk(model, masks, evaluator, 2.0, tau=1e-6, floor=0.0, patience=9, **full)[0] == {"neurons": {"1": [0, 3]}}
+    assert walk(model, masks, evaluator, 2.0, tau=1e-6, patience=9, **full)[0] == {"neurons": {"1": [0, 3]}}
+    assert walk(model, masks, evaluator, 2.0, tau=1e-6, patience=3, **full)[0] == {"neurons": {"1": [0, 3]}}
+    assert walk(model, masks, evaluator, 2.0, tau=1e-6, patience=2, **full)[0] == {"neurons": {"1": [0]}}
+    # with floor 0.2 (the published threshold) 1 is pruned unconditionally (mask < floor); 2 kept; 3 pruned
+    floor = dict(full, floor=0.2)
+    assert walk(model, masks, evaluator, 2.0, tau=1e-6, patience=2, **floor)[0] == {"neurons": {"1": [0, 1, 3]}}
+    assert walk(model, masks, evaluator, 2.0, tau=1e-6, patience=1, **floor)[0] == {"neurons": {"1": [0, 1]}}
     # the walk covers the lowest 60% of the neurons by default: 0, 1, 2 here
-    assert walk(model, masks, evaluator, 2.0, tau=1e-6, patience=9)[0] == {"neurons": {"1": [0, 1]}}
+    assert walk(model, masks, evaluator, 2.0, tau=1e-6, patience=9, floor=0.2)[0] == {"neurons": {"1": [0, 1]}}
+    assert walk(model, masks, evaluator, 2.0, tau=1e-6, patience=9)[0] == {"neurons": {"1": [0]}}
     # a loose tau prunes everything the accuracy budget allows: the last read channel is kept (accuracy 0.5)
     assert walk(model, masks, evaluator, 2.0, tau=10.0, patience=9, **full)[0] == {"neurons": {"1": [0, 1, 2, 3, 4]}}
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())  # the model is untouched
@@ -319,7 +324,8 @@ def test_clean_walk_is_checked_on_the_held_out_split_and_backs_off():
     holdout = TensorDataset(torch.stack([0 * sign, sign], 1).view(-1, 2, 1, 1), y)
     evaluator = Evaluator(torch.device("cpu"), holdout, holdout, None, None, clean=clean)
     masks = {"1": torch.tensor([0.05, 0.1, 0.3, 0.15, 0.5, 0.6])}  # walk order 0, 1, 3, 2, 4, 5
-    options = dict(tau=1e-6, patience=2, max_fraction=1.0, evidence=False)
+    # floor 0.2: channel 1 (mask 0.1, read) is pruned without the loss test, the budget alone decides
+    options = dict(tau=1e-6, patience=2, max_fraction=1.0, evidence=False, floor=0.2)
     rule, report = walk(model, masks, evaluator, 2.0, **options)
     assert rule == {"neurons": {"1": [0, 1]}}
     assert report["verified"] and report["walked"] == 3 and report["kept"] == 2
@@ -353,7 +359,7 @@ def test_clean_walk_decides_on_a_share_of_the_budget_when_a_held_out_split_check
     holdout = TensorDataset(torch.stack([sign, sign], 1).view(-1, 2, 1, 1), y)
     evaluator = Evaluator(torch.device("cpu"), holdout, holdout, None, None, clean=clean)
     masks = {"1": torch.tensor([0.05, 0.9])}
-    options = dict(max_fraction=0.5, evidence=False)  # the walk reads channel 0 only
+    options = dict(max_fraction=0.5, evidence=False, floor=0.2)  # channel 0 only, the budget alone decides
     assert walk(model, masks, evaluator, 6.0, **options)[0] == {"neurons": {"1": [0]}}
     assert walk(model, masks, evaluator, 6.0, decide_fraction=0.5, **options)[0] == {"neurons": {}}
     assert walk(model, masks, evaluator, 12.0, decide_fraction=0.5, **options)[0] == {"neurons": {"1": [0]}}

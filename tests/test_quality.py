@@ -45,6 +45,20 @@ def test_tiny_matrix_runs_resumes_and_reports(tmp_path, capsys):
     assert len(stamps) == 3 + 6 + 6
     assert quality.main(["--work", str(work), *TINY]) == 0
     assert all(os.path.getmtime(p) == t for p, t in stamps.items())
+    # a cell evaluated under an earlier default rule is listed apart from the table and re-evaluated, alone
+    old = work / "digits-cifar" / "sig@0.1" / "s0" / "rnp" / "eval.json"
+    record = json.loads(old.read_text())
+    assert record["walk_floor"] == quality.current_rule()["walk_floor"]
+    del record["walk_floor"]  # as cells from before it was recorded: floor 0.2
+    old.write_text(json.dumps(record))
+    assert quality.main(["--work", str(work), "--seeds", "", "--report", str(report)]) == 0
+    table = (report / "quality.md").read_text()
+    assert len(json.loads((report / "cells.json").read_text())) == 5
+    assert "| digits-cifar/sig@0.1/s0 | rnp | {'walk_floor': 0.2," in table.split("earlier default rule")[1]
+    stamps[old] = os.path.getmtime(old)
+    assert quality.main(["--work", str(work), *TINY]) == 0
+    assert [p for p, t in stamps.items() if os.path.getmtime(p) != t] == [old]
+    assert json.loads(old.read_text())["walk_floor"] == quality.current_rule()["walk_floor"]
 
 
 def _row(attack, asr_worst, drop_worst):
