@@ -13,11 +13,12 @@ only the upstream part is not run again. Cached values are copied in and out, so
 
 A model ``torch.fx`` cannot trace (input-dependent control flow, say) is run whole, as before; so is one whose
 changed module is not called in the traced graph. ``cache_bytes`` bounds the memory the cached activations may
-take (cut points are admitted in graph order while it lasts; the others are recomputed when needed).
+take, on the model's device (cut points are admitted in graph order while it lasts, judged by their first chunk;
+the others are recomputed when needed).
 """
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -48,10 +49,11 @@ class SuffixRunner:
         self.cache_bytes = cache_bytes
         self.graph = _trace(model)
         self.nodes: List = list(self.graph.nodes) if self.graph is not None else []
+        self.cuts: List[int] = []
+        self.cut_set: set = set()
         self.incremental = self.graph is not None and self._plan()
         self.cache: Dict[int, List[Tensor]] = {}    # cut position -> its value per chunk (accepted state)
-        self.sizes: Dict[int, int] = {}             # cut position -> bytes of its values (once seen)
-        self.used = 0
+        self.used = 0                               # bytes in the cache
         self.full_runs = self.suffix_runs = 0
 
     # ---------------------------------------------------------------------------------------------- plan
@@ -79,6 +81,7 @@ class SuffixRunner:
             if live == {n}:
                 cuts.append(i)
         self.cuts = cuts
+        self.cut_set = set(cuts)
         # where each module's parameters are first read: its first call, or the first user of a get_attr of
         # one of its parameters (a functional layer)
         self.first_call: Dict[str, int] = {}
@@ -107,10 +110,11 @@ class SuffixRunner:
             return self._fetch(node.target)
         raise RuntimeError(f"SuffixRunner: value of {node} is not available (a bad cut point)")
 
-    def _run(self, start: int, value: Optional[Tensor], xs: Tensor, store: Sequence[int], stop: Optional[int]):
+    def _run(self, start: int, value: Optional[Tensor], xs: Tensor, keep: Callable[[int, object], bool],
+             stop: Optional[int]):
         """Run the nodes after position ``start`` (whose value is ``value``; ``start`` -1: from the input
         ``xs``) up to position ``stop`` (None: the output). Returns its value and copies of the values at the
-        positions in ``store``."""
+        positions ``keep(position, value)`` accepts."""
         from torch.fx.node import map_arg
 
         env: Dict = {}
@@ -136,7 +140,7 @@ class SuffixRunner:
                 else:  # call_method
                     out = getattr(args[0], n.target)(*args[1:], **kwargs)
             env[n] = out
-            if i in store:
+            if keep(i, out):
                 kept[i] = out.clone()
             for a in n.all_input_nodes:  # free what nothing later reads
                 if a in env and self.last_use.get(a, -1) <= i:
@@ -153,39 +157,55 @@ class SuffixRunner:
         starts = [self.first_call.get(name) for name in names]
         return None if not starts or any(s is None for s in starts) else min(starts)
 
+    def _whole(self) -> Tensor:
+        self.full_runs += 1
+        return torch.cat([self.model(self._to(xs)).float().cpu() for xs in self._slices()])
+
     @torch.no_grad()
     def __call__(self, changed: Optional[Sequence[str]] = None) -> Tensor:
         first = self._position(changed) if self.incremental and changed is not None else None
-        if first is None:
-            self.full_runs += 1
-            return torch.cat([self.model(self._to(xs)).float().cpu() for xs in self._slices()])
-        self.suffix_runs += 1
-        cut = max(c for c in self.cuts if c < first) if any(c < first for c in self.cuts) else None
-        if cut is None:
-            self.full_runs += 1
-            return torch.cat([self.model(self._to(xs)).float().cpu() for xs in self._slices()])
+        before = [c for c in self.cuts if c < first] if first is not None else []
+        if not before:
+            return self._whole()
+        cut = before[-1]
         cached = [c for c in self.cache if c <= cut]
         start = max(cached) if cached else -1
-        want = [c for c in self.cuts if start < c <= cut
-                and self.used + self.sizes.get(c, 0) <= self.cache_bytes]
-        fresh: Dict[int, List[Tensor]] = {c: [] for c in want}
+        # which cut values to keep is decided on the first chunk, from its size projected to all the rows, while
+        # the budget lasts (graph order); the other chunks follow that decision
+        decided: Dict[int, bool] = {}
+        projected = [self.used]
+
+        def keep(i: int, out) -> bool:
+            if i not in decided:
+                ok = (i in self.cut_set and i not in self.cache and isinstance(out, Tensor) and out.dim() > 0
+                      and out.shape[0] > 0)
+                if ok:
+                    size = out.numel() * out.element_size() * len(self.x) // out.shape[0]
+                    ok = projected[0] + size <= self.cache_bytes
+                    projected[0] += size if ok else 0
+                decided[i] = ok
+            return decided[i]
+
+        fresh: Dict[int, List[Tensor]] = {}
         outs = []
         for k, xs in enumerate(self._slices()):
             xs = self._to(xs)
             if start == cut:
                 value = self.cache[cut][k]
             else:
-                value, kept = self._run(start, self.cache[start][k] if start >= 0 else None, xs, want, cut)
-                for c in want:
-                    fresh[c].append(kept[c])
-            out, _ = self._run(cut, value, xs, (), None)
+                value, kept = self._run(start, self.cache[start][k] if start >= 0 else None, xs, keep, cut)
+                for c, v in kept.items():
+                    fresh.setdefault(c, []).append(v)
+            if not isinstance(value, Tensor):  # a cut whose value is no tensor cannot be started from
+                self.cuts = [c for c in self.cuts if c != cut]
+                self.cut_set.discard(cut)
+                return self._whole()
+            out, _ = self._run(cut, value, xs, lambda i, v: False, None)
             outs.append(out.float().cpu())
-        for c in want:  # admitted in graph order while the budget allows
-            size = sum(t.numel() * t.element_size() for t in fresh[c])
-            self.sizes[c] = size
-            if self.used + size <= self.cache_bytes:
-                self.cache[c] = fresh[c]
-                self.used += size
+        self.suffix_runs += 1
+        for c, values in fresh.items():
+            self.cache[c] = values
+            self.used += sum(t.numel() * t.element_size() for t in values)
         return torch.cat(outs)
 
     def commit(self, changed: Sequence[str]) -> None:
@@ -195,5 +215,4 @@ class SuffixRunner:
         first = self._position(changed)
         for c in list(self.cache):
             if first is None or c >= first:
-                self.used -= self.sizes[c]
-                del self.cache[c]
+                self.used -= sum(t.numel() * t.element_size() for t in self.cache.pop(c))

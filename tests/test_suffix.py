@@ -133,7 +133,7 @@ def test_no_cache_budget_still_gives_the_same_outputs():
     runner = SuffixRunner(model, x, chunk=4, cache_bytes=0)
     names = [n for n, m in model.named_modules() if isinstance(m, nn.BatchNorm2d)]
     _change_and_compare(model, runner, x, 4, names, steps=10)
-    assert runner.cache == {} and runner.used == 0
+    assert runner.cache == {} and runner.used == 0 and runner.suffix_runs == 10
 
 
 def test_the_walk_chooses_the_same_neurons_incrementally():
@@ -160,3 +160,29 @@ def test_the_walk_chooses_the_same_neurons_incrementally():
     slow = walk(model, masks, evaluator, 10.0, incremental=False, **kw)
     assert fast == slow
     assert 5 < fast[1]["walked"] < sum(len(m) for m in masks.values())  # some pruned, some kept
+
+
+def test_the_cache_stays_within_its_budget():
+    """A budget for part of the cut points: never exceeded (counted in bytes of the cached tensors), some cut
+    points cached, the outputs still the whole forward's."""
+    torch.manual_seed(0)
+    model = build_arch("resnet18", 10, width=4).eval()
+    _randomise_statistics(model)
+    x = torch.randn(6, 3, 16, 16)
+    budget = 6 * 4 * 16 * 16 * 4 * 3  # three stem-sized activations of the 6 images
+    runner = SuffixRunner(model, x, chunk=4, cache_bytes=budget)
+    modules = dict(model.named_modules())
+    names = [n for n, m in modules.items() if isinstance(m, nn.BatchNorm2d)]
+    rng = random.Random(3)
+    peak = 0
+    for step in range(25):
+        name = rng.choice(names)
+        rows = scale_rows(modules[name])
+        with torch.no_grad():
+            rows[rng.randrange(len(rows))] = 0  # every change kept
+        assert torch.equal(runner([name]), _whole(model, x, 4))
+        runner.commit([name])
+        held = sum(t.numel() * t.element_size() for values in runner.cache.values() for t in values)
+        assert held == runner.used
+        peak = max(peak, held)
+    assert 0 < peak <= budget
