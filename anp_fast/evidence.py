@@ -13,7 +13,7 @@ re-estimated on clean data (an adaptive attacker, or a user who recalibrated BN)
 """
 from __future__ import annotations
 
-from typing import Dict, Iterable, List, Mapping, Tuple
+from typing import Dict, Iterable, List, Mapping, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -71,11 +71,12 @@ def divergence(model: nn.Module, layers: Iterable[str], x: Tensor, batch_size: i
     return out
 
 
-def suspects(model: nn.Module, masks: Mapping[str, Tensor], x: Tensor, z: float = SUSPECT_Z,
+def suspects(model: nn.Module, masks: Mapping[str, Tensor], x: Tensor, z: Optional[float] = None,
              device=None) -> List[Tuple[str, int, float]]:
     """The neurons of ``masks``' layers whose pre-activation divergence on clean ``x`` is more than ``z``
     standard deviations above their layer's mean (layers with at least MIN_CHANNELS channels), as
-    ``(layer, index, z-score)``, strongest first."""
+    ``(layer, index, z-score)``, strongest first. ``z`` None: SUSPECT_Z at call time."""
+    z = SUSPECT_Z if z is None else z
     found = []
     for name, kl in divergence(model, masks.keys(), x, device=device).items():
         if kl.numel() < MIN_CHANNELS or kl.numel() != torch.as_tensor(masks[name]).numel():

@@ -96,9 +96,9 @@ def _clean_tensors(evaluator, split: bool = False):
 
 
 def walk(model: nn.Module, masks: Mapping[str, Tensor], evaluator, budget_points: float = RUN.budget,
-         tau: float = WALK_TAU, floor: float = WALK_FLOOR, patience: int = WALK_PATIENCE,
+         tau: float = WALK_TAU, floor: Optional[float] = None, patience: int = WALK_PATIENCE,
          max_fraction: float = WALK_MAX_FRACTION, evidence: bool = True, suspect_tau: Optional[float] = SUSPECT_TAU,
-         verify: bool = True, decide_fraction: float = WALK_DECIDE_FRACTION, progress: bool = False,
+         verify: bool = True, decide_fraction: Optional[float] = None, progress: bool = False,
          incremental: bool = True) -> Dict:
     """Which neurons to prune, from clean data only: walk the neurons from the lowest mask up and prune each
     one unless pruning it (on top of those already pruned) raises the mean clean cross-entropy by more than
@@ -154,6 +154,9 @@ def walk(model: nn.Module, masks: Mapping[str, Tensor], evaluator, budget_points
     from .evidence import suspects as find_suspects
     from .pruning import _check_layers, _flat, scale_rows
     from .suffix import SuffixRunner
+
+    floor = WALK_FLOOR if floor is None else floor  # None: the module's setting at call time
+    decide_fraction = WALK_DECIDE_FRACTION if decide_fraction is None else decide_fraction
     import torch.nn.functional as F
 
     if not (tau >= 0 and isinstance(patience, int) and patience >= 1 and 0 <= max_fraction <= 1

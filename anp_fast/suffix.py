@@ -42,7 +42,10 @@ class SuffixRunner:
     call that *kept* the change (:meth:`commit`), the only ones downstream of which anything is recomputed.
 
     Protocol: change a module's parameters, call ``runner(changed=[name])``; then either keep the change and
-    call :meth:`commit` with the same names, or undo it (nothing to tell the runner)."""
+    call :meth:`commit` with the same names, or undo it (nothing to tell the runner). ``runner()`` runs the
+    whole model and forgets every cached value (anything may have changed).
+
+    Models with tied parameters or buffers (one tensor in two modules) are always run whole."""
 
     def __init__(self, model: nn.Module, x: Tensor, chunk: int = 256, device=None, cache_bytes: int = CACHE_BYTES):
         self.model, self.x, self.chunk, self.device = model, x, chunk, device
@@ -54,6 +57,7 @@ class SuffixRunner:
         self.incremental = self.graph is not None and self._plan()
         self.cache: Dict[int, List[Tensor]] = {}    # cut position -> its value per chunk (accepted state)
         self.used = 0                               # bytes in the cache
+        self.sizes: Dict[int, int] = {}             # cut position -> bytes of its values for all chunks (bound)
         self.full_runs = self.suffix_runs = 0
 
     # ---------------------------------------------------------------------------------------------- plan
@@ -63,6 +67,13 @@ class SuffixRunner:
         placeholders = [n for n in nodes if n.op == "placeholder"]
         if len(placeholders) != 1 or nodes[-1].op != "output":
             return False
+        # a tensor shared by two modules (tied weights) changes both: positions per module would miss that
+        seen = set()
+        for _, t in list(self.model.named_parameters(remove_duplicate=False)) + list(
+                self.model.named_buffers(remove_duplicate=False)):
+            if id(t) in seen:
+                return False
+            seen.add(id(t))
         # constants (parameters, buffers) can be fetched anywhere: they never cross a cut
         self.const = {n for n in nodes if n.op == "get_attr"}
         last_use = {}
@@ -81,7 +92,7 @@ class SuffixRunner:
             if live == {n}:
                 cuts.append(i)
         self.cuts = cuts
-        self.cut_set = set(cuts)
+        self.cut_set = set(cuts) - {pos[placeholders[0]]}  # the input itself is never worth a copy
         # where each module's parameters are first read: its first call, or the first user of a get_attr of
         # one of its parameters (a functional layer)
         self.first_call: Dict[str, int] = {}
@@ -163,6 +174,8 @@ class SuffixRunner:
 
     @torch.no_grad()
     def __call__(self, changed: Optional[Sequence[str]] = None) -> Tensor:
+        if changed is None:
+            self._forget()
         first = self._position(changed) if self.incremental and changed is not None else None
         before = [c for c in self.cuts if c < first] if first is not None else []
         if not before:
@@ -170,17 +183,21 @@ class SuffixRunner:
         cut = before[-1]
         cached = [c for c in self.cache if c <= cut]
         start = max(cached) if cached else -1
-        # which cut values to keep is decided on the first chunk, from its size projected to all the rows, while
-        # the budget lasts (graph order); the other chunks follow that decision
+        # which cut values to keep is decided on the first chunk (the largest), its bytes times the number of
+        # chunks, while the budget lasts: the cut this call starts its suffix from first (when its size is known
+        # from an earlier call), then the others in graph order; the other chunks follow that decision
+        n_chunks = len(self._slices())
         decided: Dict[int, bool] = {}
         projected = [self.used]
+        if cut != start and cut in self.sizes and self.used + self.sizes[cut] <= self.cache_bytes:
+            decided[cut] = True
+            projected[0] += self.sizes[cut]
 
         def keep(i: int, out) -> bool:
             if i not in decided:
-                ok = (i in self.cut_set and i not in self.cache and isinstance(out, Tensor) and out.dim() > 0
-                      and out.shape[0] > 0)
+                ok = i in self.cut_set and i not in self.cache and isinstance(out, Tensor)
                 if ok:
-                    size = out.numel() * out.element_size() * len(self.x) // out.shape[0]
+                    size = self.sizes[i] = out.numel() * out.element_size() * n_chunks
                     ok = projected[0] + size <= self.cache_bytes
                     projected[0] += size if ok else 0
                 decided[i] = ok
@@ -207,6 +224,10 @@ class SuffixRunner:
             self.cache[c] = values
             self.used += sum(t.numel() * t.element_size() for t in values)
         return torch.cat(outs)
+
+    def _forget(self) -> None:
+        self.cache.clear()
+        self.used = 0
 
     def commit(self, changed: Sequence[str]) -> None:
         """The change to ``changed`` is kept: cached values downstream of it are stale."""

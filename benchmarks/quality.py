@@ -234,13 +234,16 @@ def eval_stage(cell: Cell, method: str, s: Settings, log, force: bool = False) -
 
 
 # the default rule's settings an evaluation records, with their values for cells from before they were recorded
-RULE_SETTINGS = {"walk_floor": 0.2, "walk_decide_fraction": 1.0}
+RULE_SETTINGS = {"walk_floor": 0.2, "walk_decide_fraction": 1.0, "walk_tau": 0.002, "walk_patience": 20,
+                 "walk_max_fraction": 0.6, "suspect_z": 3.0}
 
 
 def current_rule() -> Dict:
-    from anp_fast import selection
+    from anp_fast import evidence, selection
 
-    return {"walk_floor": selection.WALK_FLOOR, "walk_decide_fraction": selection.WALK_DECIDE_FRACTION}
+    return {"walk_floor": selection.WALK_FLOOR, "walk_decide_fraction": selection.WALK_DECIDE_FRACTION,
+            "walk_tau": selection.WALK_TAU, "walk_patience": selection.WALK_PATIENCE,
+            "walk_max_fraction": selection.WALK_MAX_FRACTION, "suspect_z": evidence.SUSPECT_Z}
 
 
 def rule_of(result: Dict) -> Dict:

@@ -6,6 +6,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from anp_fast import suffix
 from anp_fast.archs import build_arch
 from anp_fast.pruning import scale_rows
 from anp_fast.suffix import SuffixRunner
@@ -29,6 +30,7 @@ def _change_and_compare(model, runner, x, chunk, names, steps, seed=0):
     whole forward's exactly."""
     modules = dict(model.named_modules())
     rng = random.Random(seed)
+    cached = 0
     for step in range(steps):
         name = rng.choice(names)
         rows = scale_rows(modules[name])
@@ -37,12 +39,15 @@ def _change_and_compare(model, runner, x, chunk, names, steps, seed=0):
             saved = rows[i].clone()
             rows[i] = 0
         assert torch.equal(runner([name]), _whole(model, x, chunk)), (step, name)
+        cached = max(cached, len(runner.cache))
         if rng.random() < 0.5:
             runner.commit([name])
         else:
             with torch.no_grad():
                 rows[i] = saved
     assert torch.equal(runner(), _whole(model, x, chunk))
+    assert runner.cache == {} and runner.used == 0  # a whole run forgets: anything may have changed
+    return cached
 
 
 @pytest.mark.parametrize("arch, kwargs", [("resnet18", dict(width=4)), ("preact_resnet18", dict(width=4)),
@@ -57,9 +62,8 @@ def test_suffix_forwards_equal_the_whole_forward_bit_for_bit(arch, kwargs):
     runner = SuffixRunner(model, x, chunk=8)
     assert runner.incremental and len(runner.cuts) > 5
     names = [n for n, m in model.named_modules() if isinstance(m, nn.BatchNorm2d)]
-    _change_and_compare(model, runner, x, 8, names, steps=30)
+    assert _change_and_compare(model, runner, x, 8, names, steps=30) > 0  # something was cached
     assert runner.suffix_runs == 30 and runner.full_runs == 1
-    assert runner.cache  # something was reused
 
 
 class _Branchy(nn.Module):
@@ -105,6 +109,63 @@ class _Gated(nn.Module):
         return self.fc(out.mean((2, 3)))
 
 
+class _Twice(nn.Module):
+    """One BatchNorm called before and after several cut points."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+        self.conv2 = nn.Conv2d(4, 4, 3, padding=1)
+        self.bn2 = nn.BatchNorm2d(4)
+        self.fc = nn.Linear(4, 2)
+
+    def forward(self, x):
+        out = F.relu(self.bn(self.conv1(x)))
+        out = F.relu(self.bn2(self.conv2(out)))
+        out = self.bn(out)
+        return self.fc(out.mean((2, 3)))
+
+
+class _Tied(nn.Module):
+    """Two BatchNorms sharing one weight: changing one changes the other."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 4, 3, padding=1)
+        self.early = nn.BatchNorm2d(4)
+        self.conv2 = nn.Conv2d(4, 4, 3, padding=1)
+        self.late = nn.BatchNorm2d(4)
+        self.late.weight = self.early.weight
+        self.fc = nn.Linear(4, 2)
+
+    def forward(self, x):
+        out = F.relu(self.early(self.conv1(x)))
+        out = F.relu(self.late(self.conv2(out)))
+        return self.fc(out.mean((2, 3)))
+
+
+def test_a_module_called_twice_recomputes_from_its_first_call():
+    torch.manual_seed(0)
+    model = _Twice().eval()
+    _randomise_statistics(model)
+    x = torch.randn(7, 3, 8, 8)
+    runner = SuffixRunner(model, x, chunk=4)
+    assert runner.incremental
+    _change_and_compare(model, runner, x, 4, ["bn", "bn2"], steps=20)
+    assert runner.suffix_runs == 20
+
+
+def test_tied_parameters_are_run_whole():
+    torch.manual_seed(0)
+    model = _Tied().eval()
+    x = torch.randn(5, 3, 8, 8)
+    runner = SuffixRunner(model, x, chunk=4)
+    assert not runner.incremental
+    _change_and_compare(model, runner, x, 4, ["early", "late"], steps=6)
+    assert runner.suffix_runs == 0
+
+
 def test_an_untraceable_model_is_run_whole():
     torch.manual_seed(0)
     model = _Branchy().eval()
@@ -132,11 +193,11 @@ def test_no_cache_budget_still_gives_the_same_outputs():
     x = torch.randn(6, 3, 16, 16)
     runner = SuffixRunner(model, x, chunk=4, cache_bytes=0)
     names = [n for n, m in model.named_modules() if isinstance(m, nn.BatchNorm2d)]
-    _change_and_compare(model, runner, x, 4, names, steps=10)
-    assert runner.cache == {} and runner.used == 0 and runner.suffix_runs == 10
+    assert _change_and_compare(model, runner, x, 4, names, steps=10) == 0
+    assert runner.suffix_runs == 10
 
 
-def test_the_walk_chooses_the_same_neurons_incrementally():
+def test_the_walk_chooses_the_same_neurons_incrementally(monkeypatch):
     """The clean walk with suffix forwards (the default) and with whole forwards: same rule, same report."""
     from torch.utils.data import TensorDataset
 
@@ -156,8 +217,18 @@ def test_the_walk_chooses_the_same_neurons_incrementally():
     masks = {n: torch.rand(m.num_features, generator=g) for n, m in model.named_modules()
              if isinstance(m, nn.BatchNorm2d)}
     kw = dict(max_fraction=1.0, patience=40, tau=0.02)
+    runners = []
+
+    class Counted(suffix.SuffixRunner):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            runners.append(self)
+
+    monkeypatch.setattr(suffix, "SuffixRunner", Counted)
     fast = walk(model, masks, evaluator, 10.0, **kw)
+    assert len(runners) == 1 and runners[0].suffix_runs > 5 and runners[0].full_runs == 0  # it was used
     slow = walk(model, masks, evaluator, 10.0, incremental=False, **kw)
+    assert len(runners) == 1  # not made when off
     assert fast == slow
     assert 5 < fast[1]["walked"] < sum(len(m) for m in masks.values())  # some pruned, some kept
 
