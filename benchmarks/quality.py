@@ -200,8 +200,8 @@ def eval_stage(cell: Cell, method: str, s: Settings, log, force: bool = False) -
 
     folder = os.path.join(s.work, cell.key, method)
     out = os.path.join(folder, "eval.json")
-    if os.path.exists(out) and not force:
-        old = _read_json(out)
+    old = _read_json(out) if os.path.exists(out) else None
+    if old is not None and not force:
         if rule_of(old) == current_rule():
             return old
         log(f"{cell.key} {method}: evaluated under {rule_of(old)}, re-evaluating under {current_rule()}")
@@ -223,8 +223,18 @@ def eval_stage(cell: Cell, method: str, s: Settings, log, force: bool = False) -
         if mode == "walk":
             chosen = picked
     after, n = outcomes["walk"]["after"], outcomes["walk"]["pruned"]
-    snaps = torch.load(os.path.join(folder, "snapshots.pt"), weights_only=True)
-    stop = selection.simulate_stop(model, masks, snaps, evaluator, budget_points=s.budget) if method == "anp" else None
+    # the stop rule checks the mask-order rule ("most"), which no walk setting changes: kept apart, and taken
+    # over from an earlier evaluation of the same masks
+    stop, stop_path = None, os.path.join(folder, "stop.json")
+    if method == "anp":
+        if os.path.exists(stop_path):
+            stop = _read_json(stop_path)
+        elif old is not None and old.get("stop") is not None:
+            stop = old["stop"]
+        else:
+            snaps = torch.load(os.path.join(folder, "snapshots.pt"), weights_only=True)
+            stop = selection.simulate_stop(model, masks, snaps, evaluator, budget_points=s.budget)
+        _write_json(stop_path, stop)
     result = {"cell": cell.key, "data": cell.data, "attack": cell.attack, "rate": cell.rate, "seed": cell.seed,
               "method": method, "before": before, "after": after, "pruned": n, "chosen": chosen, "rules": outcomes,
               "oracle": _oracle(rows, before), "neurons": sum(int(m.numel()) for m in masks.values()),

@@ -59,6 +59,13 @@ def test_tiny_matrix_runs_resumes_and_reports(tmp_path, capsys):
     assert quality.main(["--work", str(work), *TINY]) == 0
     assert [p for p, t in stamps.items() if os.path.getmtime(p) != t] == [old]
     assert json.loads(old.read_text())["walk_floor"] == quality.current_rule()["walk_floor"]
+    # the stop rule's replay is kept apart: an ANP cell re-evaluated takes it over instead of replaying it
+    anp = work / "digits-cifar" / "sig@0.1" / "s0" / "anp"
+    stop = json.loads((anp / "stop.json").read_text())
+    assert stop == json.loads((anp / "eval.json").read_text())["stop"] and stop["iters"] == 4
+    (anp / "stop.json").write_text(json.dumps(dict(stop, marker=1)))
+    assert quality.main(["--work", str(work), *TINY, "--force-eval"]) == 0
+    assert json.loads((anp / "eval.json").read_text())["stop"] == dict(stop, marker=1)
 
 
 def _row(attack, asr_worst, drop_worst):
