@@ -113,7 +113,8 @@ def walk(model: nn.Module, masks: Mapping[str, Tensor], evaluator, budget_points
     neurons' signature, not on low-mask neurons that visibly carry clean accuracy. With 0.2 (the published
     threshold, the default until 2026-12-07) such neurons used up the budget and the held-out check backed off
     to a few neurons: on mnist5k BadNets seed 0 both methods kept 17 neurons, ASR 9.8%; with 0 ANP pruned 258,
-    ASR 3.1%, RNP 172, ASR 2.8%. Over 12 matrix cell-methods and ten demo draws:
+    ASR 3.1%, RNP 172, ASR 2.8%. Over 16 matrix cell-methods floor 0 passes three that 0.2 misses and misses
+    one that 0.2 passes (digits-cifar WaNet seed 1, ANP: 30.7% against 4.6%); ten demo draws pass either way:
     ``benchmarks/results/walk_floor_20261207``.
 
     ``evidence``: before the masks, walk the pre-activation suspects (:func:`anp_fast.evidence.suspects`:
