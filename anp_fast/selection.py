@@ -137,8 +137,8 @@ def walk(model: nn.Module, masks: Mapping[str, Tensor], evaluator, budget_points
     both splits (or ``verify=False``) all clean data decides and nothing verifies.
 
     ``decide_fraction`` (with a held-out check only): the walk's decisions may spend that share of the budget
-    on the deciding set; the check keeps the whole budget. Default 1. Measured with floor 0.2: On 12 matrix cell-methods 0.5 turned mnist5k BadNets seed 0 from ASR 9.8% into 0.4% (ANP)
-    / 4.7% (RNP) and mnist5k WaNet RNP from 4.4% into 72.9%; on ten demo draws both pass 10/10, 0.5 with the
+    on the deciding set; the check keeps the whole budget. Default 1. Measured with floor 0.2: on 12 matrix
+    cell-methods 0.5 turned mnist5k BadNets seed 0 from ASR 9.8% into 0.4% (ANP) / 4.7% (RNP) and mnist5k WaNet RNP from 4.4% into 72.9%; on ten demo draws both pass 10/10, 0.5 with the
     lower median drop (0.42 against 0.84 points) and the worse worst case (1.95 against 1.39):
     ``benchmarks/results/walk_budget_20261207``.
 
@@ -148,17 +148,16 @@ def walk(model: nn.Module, masks: Mapping[str, Tensor], evaluator, budget_points
 
     Cost: one forward over the clean data per neuron walked (on the demo about 650 of 1,200 neurons, 30-65 s
     on one core with whole forwards; suffix forwards made matrix walks 2.3-2.5x faster) and about 20 over the
-    held-out split; for models with many thousand neurons ``auto:most`` is
-    the cheap choice. Returns the rule ``{"neurons": {layer: [index, ...]}}`` for
+    held-out split; for models with many thousand neurons ``auto:most`` is the cheap choice. Returns the rule ``{"neurons": {layer: [index, ...]}}`` for
     :func:`anp_fast.pruning.prune` and a report ``{"suspects": found, "suspects_pruned": pruned, "walked":
     accepted by the walk, "verified": whether a held-out check ran, "kept": pruned after it}``."""
     from .evidence import suspects as find_suspects
     from .pruning import _check_layers, _flat, scale_rows
     from .suffix import SuffixRunner
+    import torch.nn.functional as F
 
     floor = WALK_FLOOR if floor is None else floor  # None: the module's setting at call time
     decide_fraction = WALK_DECIDE_FRACTION if decide_fraction is None else decide_fraction
-    import torch.nn.functional as F
 
     if not (tau >= 0 and isinstance(patience, int) and patience >= 1 and 0 <= max_fraction <= 1
             and (suspect_tau is None or suspect_tau >= 0) and 0 < decide_fraction <= 1):
@@ -177,19 +176,19 @@ def walk(model: nn.Module, masks: Mapping[str, Tensor], evaluator, budget_points
     modules = dict(work.named_modules())
     scales = {name: scale_rows(modules[name]) for name in found}  # row i: neuron i's scale
 
+    def scores(out, y=y):
+        return float(F.cross_entropy(out, y)), float((out.argmax(1) == y).float().mean())
+
     def clean_eval(x=x, y=y):
         with torch.no_grad():
             out = torch.cat([work(x[i:i + 256].to(device)).float().cpu() for i in range(0, len(x), 256)])
-        return float(F.cross_entropy(out, y)), float((out.argmax(1) == y).float().mean())
+        return scores(out, y)
 
     # the deciding set's forwards start at the changed layer (bit for bit the whole forward's results)
     runner = SuffixRunner(work, x, chunk=256, device=device) if incremental else None
 
     def decide_eval(name: str):
-        if runner is None:
-            return clean_eval()
-        out = runner([name])
-        return float(F.cross_entropy(out, y)), float((out.argmax(1) == y).float().mean())
+        return clean_eval() if runner is None else scores(runner([name]))
 
     base_loss, base_acc = clean_eval()
     prev = base_loss

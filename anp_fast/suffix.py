@@ -27,6 +27,10 @@ from torch import Tensor
 CACHE_BYTES = 2 << 30   # at most 2 GiB of cached activations
 
 
+def _nbytes(values: Sequence[Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in values)
+
+
 def _trace(model: nn.Module):
     try:
         import torch.fx
@@ -49,6 +53,7 @@ class SuffixRunner:
 
     def __init__(self, model: nn.Module, x: Tensor, chunk: int = 256, device=None, cache_bytes: int = CACHE_BYTES):
         self.model, self.x, self.chunk, self.device = model, x, chunk, device
+        self.slices = [x[i:i + chunk] for i in range(0, len(x), chunk)]
         self.cache_bytes = cache_bytes
         self.graph = _trace(model)
         self.nodes: List = list(self.graph.nodes) if self.graph is not None else []
@@ -158,9 +163,6 @@ class SuffixRunner:
                     del env[a]
         return env[self.nodes[end]], kept
 
-    def _slices(self) -> List[Tensor]:
-        return [self.x[i:i + self.chunk] for i in range(0, len(self.x), self.chunk)]
-
     def _to(self, xs: Tensor) -> Tensor:
         return xs.to(self.device) if self.device is not None else xs
 
@@ -170,7 +172,7 @@ class SuffixRunner:
 
     def _whole(self) -> Tensor:
         self.full_runs += 1
-        return torch.cat([self.model(self._to(xs)).float().cpu() for xs in self._slices()])
+        return torch.cat([self.model(self._to(xs)).float().cpu() for xs in self.slices])
 
     @torch.no_grad()
     def __call__(self, changed: Optional[Sequence[str]] = None) -> Tensor:
@@ -186,7 +188,7 @@ class SuffixRunner:
         # which cut values to keep is decided on the first chunk (the largest), its bytes times the number of
         # chunks, while the budget lasts: the cut this call starts its suffix from first (when its size is known
         # from an earlier call), then the others in graph order; the other chunks follow that decision
-        n_chunks = len(self._slices())
+        n_chunks = len(self.slices)
         decided: Dict[int, bool] = {}
         projected = [self.used]
         if cut != start and cut in self.sizes and self.used + self.sizes[cut] <= self.cache_bytes:
@@ -205,7 +207,7 @@ class SuffixRunner:
 
         fresh: Dict[int, List[Tensor]] = {}
         outs = []
-        for k, xs in enumerate(self._slices()):
+        for k, xs in enumerate(self.slices):
             xs = self._to(xs)
             if start == cut:
                 value = self.cache[cut][k]
@@ -222,7 +224,7 @@ class SuffixRunner:
         self.suffix_runs += 1
         for c, values in fresh.items():
             self.cache[c] = values
-            self.used += sum(t.numel() * t.element_size() for t in values)
+            self.used += _nbytes(values)
         return torch.cat(outs)
 
     def _forget(self) -> None:
@@ -236,4 +238,4 @@ class SuffixRunner:
         first = self._position(changed)
         for c in list(self.cache):
             if first is None or c >= first:
-                self.used -= sum(t.numel() * t.element_size() for t in self.cache.pop(c))
+                self.used -= _nbytes(self.cache.pop(c))

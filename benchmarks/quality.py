@@ -483,9 +483,9 @@ def main(argv: Optional[List[str]] = None) -> int:
                          for m, r in done["results"].items()]
                 print(f"{cell.key} ({done['seconds']:.0f}s): " + "; ".join(parts), flush=True)
     if args.report:
-        results = collect(s.work)
-        current = [r for r in results if rule_of(r) == current_rule()]
-        rows = write_report(current, args.report, stale=[r for r in results if rule_of(r) != current_rule()])
+        results, rule = collect(s.work), current_rule()
+        rows = write_report([r for r in results if rule_of(r) == rule], args.report,
+                            stale=[r for r in results if rule_of(r) != rule])
         print(f"wrote quality.md, quality.csv, cells.json, quality.png ({len(rows)} rows) to {args.report}")
     return 0
 
