@@ -99,7 +99,7 @@ def walk(model: nn.Module, masks: Mapping[str, Tensor], evaluator, budget_points
          tau: float = WALK_TAU, floor: Optional[float] = None, patience: int = WALK_PATIENCE,
          max_fraction: float = WALK_MAX_FRACTION, evidence: bool = True, suspect_tau: Optional[float] = SUSPECT_TAU,
          verify: bool = True, decide_fraction: Optional[float] = None, progress: bool = False,
-         incremental: bool = True) -> Dict:
+         incremental: bool = True, gain_tau: Optional[float] = None) -> Dict:
     """Which neurons to prune, from clean data only: walk the neurons from the lowest mask up and prune each
     one unless pruning it (on top of those already pruned) raises the mean clean cross-entropy by more than
     ``tau`` nats (tested for masks >= ``floor``: all of them by default) or takes the clean accuracy more than
@@ -142,6 +142,13 @@ def walk(model: nn.Module, masks: Mapping[str, Tensor], evaluator, budget_points
     lower median drop (0.42 against 0.84 points) and the worse worst case (1.95 against 1.39):
     ``benchmarks/results/walk_budget_20261207``.
 
+    ``gain_tau`` (research knob, default None: off): a neuron the mask walk would prune is also kept when pruning
+    it LOWERS the mean clean cross-entropy by more than ``gain_tau`` nats (suspects are not affected). Why it
+    exists: on the SIG cells the walk's prunings after the suspects lower the clean loss steadily (digits-cifar
+    seed 1: 0.58 to 0.16 nats, accuracy 89% to 99.7%) while the ASR climbs from 20% to 63%; on BadNets the loss
+    barely moves. Not a default: measured on a handful of cells only
+    (``benchmarks/results/walk_trace_20261207``).
+
     ``incremental`` (default): each of the walk's forwards over the deciding set starts at the last cut point
     before the changed layer (:class:`anp_fast.suffix.SuffixRunner`; the same outputs bit for bit; a model
     ``torch.fx`` cannot trace runs whole).
@@ -160,12 +167,13 @@ def walk(model: nn.Module, masks: Mapping[str, Tensor], evaluator, budget_points
     decide_fraction = WALK_DECIDE_FRACTION if decide_fraction is None else decide_fraction
 
     if not (tau >= 0 and isinstance(patience, int) and patience >= 1 and 0 <= max_fraction <= 1
-            and (suspect_tau is None or suspect_tau >= 0) and 0 < decide_fraction <= 1):
+            and (suspect_tau is None or suspect_tau >= 0) and 0 < decide_fraction <= 1
+            and (gain_tau is None or gain_tau >= 0)):
         from .errors import ConfigError
 
-        raise ConfigError(f"walk: tau={tau} and suspect_tau={suspect_tau} must be >= 0, patience={patience} an "
-                          f"integer >= 1, max_fraction={max_fraction} in [0, 1] and decide_fraction="
-                          f"{decide_fraction} in (0, 1]")
+        raise ConfigError(f"walk: tau={tau}, suspect_tau={suspect_tau} and gain_tau={gain_tau} must be >= 0, "
+                          f"patience={patience} an integer >= 1, max_fraction={max_fraction} in [0, 1] and "
+                          f"decide_fraction={decide_fraction} in (0, 1]")
     (x, y), held = _clean_tensors(evaluator, split=verify)
     device = getattr(evaluator, "device", torch.device("cpu"))
     found = _check_layers(model, masks)
@@ -196,8 +204,9 @@ def walk(model: nn.Module, masks: Mapping[str, Tensor], evaluator, budget_points
     chosen = set()
     accepted: List[tuple] = []  # (neuron, its scale before pruning), in the order the walk pruned them
 
-    def attempt(j: int, limit: Optional[float]) -> bool:
-        """Prune neuron j unless it raises the loss by more than ``limit`` or breaks the budget."""
+    def attempt(j: int, limit: Optional[float], gain: Optional[float] = None) -> bool:
+        """Prune neuron j unless it raises the loss by more than ``limit``, lowers it by more than ``gain`` or
+        breaks the budget."""
         nonlocal prev
         name, i = owner[j]
         w = scales[name]
@@ -205,7 +214,8 @@ def walk(model: nn.Module, masks: Mapping[str, Tensor], evaluator, budget_points
             saved = w[i].clone()
             w[i] = 0
         loss, acc = decide_eval(name)
-        if (limit is not None and loss - prev > limit) or 100 * (base_acc - acc) > decide_points + 1e-9:
+        if ((limit is not None and loss - prev > limit) or (gain is not None and prev - loss > gain)
+                or 100 * (base_acc - acc) > decide_points + 1e-9):
             with torch.no_grad():
                 w[i] = saved
             return False
@@ -233,7 +243,7 @@ def walk(model: nn.Module, masks: Mapping[str, Tensor], evaluator, budget_points
             bar.update(1)
         if j in chosen:
             continue
-        if attempt(j, tau if float(flat[j]) >= floor else None):
+        if attempt(j, tau if float(flat[j]) >= floor else None, gain_tau):
             kept_in_row = 0
         else:
             kept_in_row += 1

@@ -299,6 +299,34 @@ def test_clean_walk_keeps_costly_neurons_and_goes_on():
         walk(model, masks, evaluator, 2.0, patience=0)
 
 
+def test_clean_walk_gain_tau_keeps_neurons_whose_pruning_lowers_the_clean_loss():
+    """Channel 0 carries the class (+1), channel 1 works against it (-0.5: pruning it lowers the loss), channel
+    2 is unread. Off by default: 1 and 2 are pruned; with gain_tau 1 is kept; a loose gain_tau changes nothing."""
+    from torch.utils.data import TensorDataset
+
+    from anp_fast.evaluation import Evaluator
+    from anp_fast.selection import walk
+
+    model = torch.nn.Sequential(torch.nn.Conv2d(1, 3, 1, bias=False), torch.nn.BatchNorm2d(3),
+                                torch.nn.Flatten(), torch.nn.Linear(3, 2, bias=False))
+    with torch.no_grad():
+        model[0].weight.fill_(1.0)
+        reads = torch.tensor([1.0, -0.5, 0.0])
+        model[3].weight.copy_(torch.stack([-reads, reads]))
+    model.eval()
+    y = torch.arange(40) % 2
+    x = (2.0 * y - 1).float().view(-1, 1, 1, 1)
+    half = TensorDataset(x[:20], y[:20]), TensorDataset(x[20:], y[20:])
+    evaluator = Evaluator(torch.device("cpu"), half[0], half[0], None, None, clean=half[1])
+    masks = {"1": torch.tensor([0.1, 0.2, 0.3])}
+    kw = dict(tau=1e-6, patience=9, max_fraction=1.0, evidence=False)
+    assert walk(model, masks, evaluator, 2.0, **kw)[0] == {"neurons": {"1": [1, 2]}}
+    assert walk(model, masks, evaluator, 2.0, gain_tau=1e-6, **kw)[0] == {"neurons": {"1": [2]}}
+    assert walk(model, masks, evaluator, 2.0, gain_tau=100.0, **kw)[0] == {"neurons": {"1": [1, 2]}}
+    with pytest.raises(ConfigError, match="gain_tau"):
+        walk(model, masks, evaluator, 2.0, gain_tau=-1.0)
+
+
 def test_clean_walk_is_checked_on_the_held_out_split_and_backs_off():
     """The walk decides on the method's clean set alone; the held-out split, which no decision saw, catches a
     pruning that costs accuracy there and the walk keeps the longest prefix of its prunings within budget.
