@@ -1,5 +1,5 @@
 """Analysis only (uses triggered data): the ASR along the walk's accepted order, on one cell-method.
-usage: walk_trace.py DATA ATTACK@RATE SEED METHOD"""
+usage: trace.py DATA ATTACK@RATE SEED METHOD"""
 import json, os, sys, time
 import torch, torch.nn.functional as F
 torch.set_num_threads(1)
@@ -12,6 +12,7 @@ attack, rate = ar.split("@")
 s = quality.Settings(work="/work/matrix")
 cell = quality.Cell(data, attack, float(rate), seed)
 model, _, ev = quality._setup(cell, s)
+model.eval()  # _setup returns it in train mode: a forward would move its BatchNorm statistics
 masks = load_masks(os.path.join(s.work, cell.key, method, "masks.txt"))
 captured = {}
 orig = selection._back_off
@@ -34,9 +35,7 @@ for k in list(range(0, len(order), 10)) + [len(order)]:
         neurons.setdefault(name, []).append(i)
     m = prune(model, masks, neurons=neurons) if k else model
     r = ev(m)
-    with torch.no_grad():
-        out = torch.cat([m(x[i:i+256]) for i in range(0, len(x), 256)])
-    loss = float(F.cross_entropy(out, y))
+    loss = r["clean_loss"]  # the deciding set's, in eval mode
     mk = [round(float(flat[j]), 3) for j in order[max(0, k - 10):k]]
     rows.append({"k": k, "acc": r["acc"], "asr": r["asr"], "decide_loss": loss, "masks": mk,
                  "layers": sorted({owner[j][0] for j in order[max(0, k - 10):k]})})
