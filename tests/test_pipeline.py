@@ -248,27 +248,28 @@ def test_prune_rules_and_auto_choice():
     assert len(seen) < 3 * 40  # grid + bisection, not every count
 
 
-def _walk_problem():
-    """Six channels that copy the input (+1 for class 1, -1 for class 0); the classifier reads channels 1, 2,
-    4, 5 only, so pruning 0 or 3 costs nothing and pruning any other one shrinks the margin (loss up)."""
+def _walk_problem(reads=(0.0, 1, 1, 0, 1, 1), masks=(0.05, 0.1, 0.3, 0.4, 0.5, 0.6)):
+    """Channels that copy the input (+1 for class 1, -1 for class 0), read by the classifier with weight
+    ``reads[i]``. By default six channels, of which 1, 2, 4, 5 are read: pruning 0 or 3 costs nothing and
+    pruning any other one shrinks the margin (loss up)."""
     from torch.utils.data import TensorDataset
 
     from anp_fast.evaluation import Evaluator
 
-    model = torch.nn.Sequential(torch.nn.Conv2d(1, 6, 1, bias=False), torch.nn.BatchNorm2d(6),
-                                torch.nn.Flatten(), torch.nn.Linear(6, 2, bias=False))
+    n = len(reads)
+    model = torch.nn.Sequential(torch.nn.Conv2d(1, n, 1, bias=False), torch.nn.BatchNorm2d(n),
+                                torch.nn.Flatten(), torch.nn.Linear(n, 2, bias=False))
     with torch.no_grad():
         model[0].weight.fill_(1.0)
-        reads = torch.tensor([0.0, 1, 1, 0, 1, 1])
-        model[3].weight.copy_(torch.stack([-reads, reads]))
+        weights = torch.tensor(reads, dtype=torch.float32)
+        model[3].weight.copy_(torch.stack([-weights, weights]))
     model.eval()
     y = torch.arange(40) % 2
     x = (2.0 * y - 1).float().view(-1, 1, 1, 1)
     half = TensorDataset(x[:20], y[:20]), TensorDataset(x[20:], y[20:])
     evaluator = Evaluator(torch.device("cpu"), half[0], half[0], None, None, clean=half[1])
-    # mask order: 0 (harmless), 1 (read, below the floor), 2 (read), 3 (harmless), 4, 5 (read)
-    masks = {"1": torch.tensor([0.05, 0.1, 0.3, 0.4, 0.5, 0.6])}
-    return model, masks, evaluator
+    # default mask order: 0 (harmless), 1 (read, below the floor), 2 (read), 3 (harmless), 4, 5 (read)
+    return model, {"1": torch.tensor(masks)}, evaluator
 
 
 def test_clean_walk_keeps_costly_neurons_and_goes_on():
@@ -303,23 +304,9 @@ def test_clean_walk_gain_tau_keeps_neurons_whose_pruning_lowers_the_clean_loss()
     """Channel 0 carries the class (+1), channel 1 works against it (-0.5: pruning it lowers the loss), channel
     2 is unread. Off by default: 1 and 2 are pruned; with gain_tau 1 is kept (and not counted toward patience); a
     loose gain_tau changes nothing."""
-    from torch.utils.data import TensorDataset
-
-    from anp_fast.evaluation import Evaluator
     from anp_fast.selection import walk
 
-    model = torch.nn.Sequential(torch.nn.Conv2d(1, 3, 1, bias=False), torch.nn.BatchNorm2d(3),
-                                torch.nn.Flatten(), torch.nn.Linear(3, 2, bias=False))
-    with torch.no_grad():
-        model[0].weight.fill_(1.0)
-        reads = torch.tensor([1.0, -0.5, 0.0])
-        model[3].weight.copy_(torch.stack([-reads, reads]))
-    model.eval()
-    y = torch.arange(40) % 2
-    x = (2.0 * y - 1).float().view(-1, 1, 1, 1)
-    half = TensorDataset(x[:20], y[:20]), TensorDataset(x[20:], y[20:])
-    evaluator = Evaluator(torch.device("cpu"), half[0], half[0], None, None, clean=half[1])
-    masks = {"1": torch.tensor([0.1, 0.2, 0.3])}
+    model, masks, evaluator = _walk_problem(reads=(1.0, -0.5, 0.0), masks=(0.1, 0.2, 0.3))
     kw = dict(tau=1e-6, patience=9, max_fraction=1.0, evidence=False)
     assert walk(model, masks, evaluator, 2.0, **kw)[0] == {"neurons": {"1": [1, 2]}}
     assert walk(model, masks, evaluator, 2.0, gain_tau=1e-6, **kw)[0] == {"neurons": {"1": [2]}}
