@@ -138,8 +138,9 @@ def walk(model: nn.Module, masks: Mapping[str, Tensor], evaluator, budget_points
 
     ``decide_fraction`` (with a held-out check only): the walk's decisions may spend that share of the budget
     on the deciding set; the check keeps the whole budget. Default 1. Measured with floor 0.2: on 12 matrix
-    cell-methods 0.5 turned mnist5k BadNets seed 0 from ASR 9.8% into 0.4% (ANP) / 4.7% (RNP) and mnist5k WaNet RNP from 4.4% into 72.9%; on ten demo draws both pass 10/10, 0.5 with the
-    lower median drop (0.42 against 0.84 points) and the worse worst case (1.95 against 1.39):
+    cell-methods 0.5 turned mnist5k BadNets seed 0 from ASR 9.8% into 0.4% (ANP) / 4.7% (RNP) and mnist5k
+    WaNet RNP from 4.4% into 72.9%; on ten demo draws both pass 10/10, 0.5 with the lower median drop (0.42
+    against 0.84 points) and the worse worst case (1.95 against 1.39):
     ``benchmarks/results/walk_budget_20261207``.
 
     ``gain_tau`` (research knob, default None: off): a neuron the mask walk would prune (whatever its mask) is
@@ -156,8 +157,8 @@ def walk(model: nn.Module, masks: Mapping[str, Tensor], evaluator, budget_points
 
     Cost: one forward over the clean data per neuron walked (on the demo about 650 of 1,200 neurons, 30-65 s
     on one core with whole forwards; suffix forwards made matrix walks 2.3-2.5x faster) and about 20 over the
-    held-out split; for models with many thousand neurons ``auto:most`` is the cheap choice. Returns the rule ``{"neurons": {layer: [index, ...]}}`` for
-    :func:`anp_fast.pruning.prune` and a report ``{"suspects": found, "suspects_pruned": pruned, "walked":
+    held-out split; for models with many thousand neurons ``auto:most`` is the cheap choice. Returns the rule
+    ``{"neurons": {layer: [index, ...]}}`` for :func:`anp_fast.pruning.prune` and a report ``{"suspects": found, "suspects_pruned": pruned, "walked":
     accepted by the walk, "verified": whether a held-out check ran, "kept": pruned after it}``."""
     from .evidence import suspects as find_suspects
     from .pruning import _check_layers, _flat, scale_rows
@@ -173,9 +174,8 @@ def walk(model: nn.Module, masks: Mapping[str, Tensor], evaluator, budget_points
         from .errors import ConfigError
 
         raise ConfigError(f"walk: tau={tau}, suspect_tau={suspect_tau} and gain_tau={gain_tau} must be >= 0 (the "
-                          f"last two or None), "
-                          f"patience={patience} an integer >= 1, max_fraction={max_fraction} in [0, 1] and "
-                          f"decide_fraction={decide_fraction} in (0, 1]")
+                          f"last two or None), patience={patience} an integer >= 1, max_fraction={max_fraction} "
+                          f"in [0, 1] and decide_fraction={decide_fraction} in (0, 1]")
     (x, y), held = _clean_tensors(evaluator, split=verify)
     device = getattr(evaluator, "device", torch.device("cpu"))
     found = _check_layers(model, masks)

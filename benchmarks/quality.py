@@ -229,12 +229,13 @@ def eval_stage(cell: Cell, method: str, s: Settings, log, force: bool = False) -
     if method == "anp":
         if os.path.exists(stop_path):
             stop = _read_json(stop_path)
-        elif old is not None and old.get("stop") is not None:
-            stop = old["stop"]
         else:
-            snaps = torch.load(os.path.join(folder, "snapshots.pt"), weights_only=True)
-            stop = selection.simulate_stop(model, masks, snaps, evaluator, budget_points=s.budget)
-        _write_json(stop_path, stop)
+            if old is not None and old.get("stop") is not None:
+                stop = old["stop"]
+            else:
+                snaps = torch.load(os.path.join(folder, "snapshots.pt"), weights_only=True)
+                stop = selection.simulate_stop(model, masks, snaps, evaluator, budget_points=s.budget)
+            _write_json(stop_path, stop)
     result = {"cell": cell.key, "data": cell.data, "attack": cell.attack, "rate": cell.rate, "seed": cell.seed,
               "method": method, "before": before, "after": after, "pruned": n, "chosen": chosen, "rules": outcomes,
               "oracle": _oracle(rows, before), "neurons": sum(int(m.numel()) for m in masks.values()),
