@@ -158,8 +158,9 @@ def walk(model: nn.Module, masks: Mapping[str, Tensor], evaluator, budget_points
     Cost: one forward over the clean data per neuron walked (on the demo about 650 of 1,200 neurons, 30-65 s
     on one core with whole forwards; suffix forwards made matrix walks 2.3-2.5x faster) and about 20 over the
     held-out split; for models with many thousand neurons ``auto:most`` is the cheap choice. Returns the rule
-    ``{"neurons": {layer: [index, ...]}}`` for :func:`anp_fast.pruning.prune` and a report ``{"suspects": found, "suspects_pruned": pruned, "walked":
-    accepted by the walk, "verified": whether a held-out check ran, "kept": pruned after it}``."""
+    ``{"neurons": {layer: [index, ...]}}`` for :func:`anp_fast.pruning.prune` and a report ``{"suspects":
+    found, "suspects_pruned": pruned, "walked": accepted by the walk, "verified": whether a held-out check ran,
+    "kept": pruned after it}``."""
     from .evidence import suspects as find_suspects
     from .pruning import _check_layers, _flat, scale_rows
     from .suffix import SuffixRunner
