@@ -23,6 +23,7 @@ import argparse
 import json
 import math
 import os
+import shutil
 import statistics
 import sys
 import time
@@ -104,6 +105,12 @@ def attack_stage(cell: Cell, s: Settings, log) -> str:
 
     folder = os.path.join(s.work, cell.key)
     if not os.path.exists(os.path.join(folder, "attack.json")):
+        # a new model: whatever the methods learned or evaluated here belonged to an earlier one (a lost model,
+        # or a report's cells seeded back into a work folder) and must not be taken over
+        for method in sorted(os.listdir(folder)) if os.path.isdir(folder) else []:
+            if os.path.isdir(os.path.join(folder, method)):
+                log(f"{cell.key}: a new model; removing {method}/ of the earlier one")
+                shutil.rmtree(os.path.join(folder, method))
         rate = 0.0 if cell.attack == "benign" else cell.rate
         run_attack(arch=s.arch, data=s.data_spec(cell.data), out=folder, trigger=attack_spec(cell.data, cell.attack),
                    target=TARGET,
@@ -479,6 +486,9 @@ def main(argv: Optional[List[str]] = None) -> int:
                 except Exception as exc:  # one failed cell is reported, the others go on
                     print(f"FAILED {cell.key}: {type(exc).__name__}: {exc}", flush=True)
                     continue
+                for line in done["log"]:  # the runner's own notes (the attack's training log is not repeated)
+                    if line.startswith(cell.key):
+                        print(line, flush=True)
                 parts = [f"{m}: ACC {_pct(r['before']['acc'])}->{_pct(r['after']['acc'])} ASR "
                          f"{_pct(r['before'].get('asr'))}->{_pct(r['after'].get('asr'))} ({r['pruned']} pruned)"
                          for m, r in done["results"].items()]

@@ -66,6 +66,13 @@ def test_tiny_matrix_runs_resumes_and_reports(tmp_path, capsys):
     (anp / "stop.json").write_text(json.dumps(dict(stop, marker=1)))
     assert quality.main(["--work", str(work), *TINY, "--force-eval"]) == 0
     assert json.loads((anp / "eval.json").read_text())["stop"] == dict(stop, marker=1)
+    # a model trained again (lost, or its cells seeded back from a report): nothing of the earlier one is kept
+    (anp / ".." / "attack.json").unlink()
+    learned = os.path.getmtime(anp / "masks.txt")
+    assert quality.main(["--work", str(work), *TINY]) == 0
+    assert "removing anp/ of the earlier one" in capsys.readouterr().out
+    assert os.path.getmtime(anp / "masks.txt") > learned
+    assert "marker" not in json.loads((anp / "eval.json").read_text())["stop"]
 
 
 def _row(attack, asr_worst, drop_worst):
