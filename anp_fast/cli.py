@@ -156,6 +156,12 @@ def build_parser() -> argparse.ArgumentParser:
                              "published fixed iteration count)")
     purify.add_argument("--stop-every", type=int, default=100, metavar="N",
                         help="with --stop-patience: check every N iterations (default: %(default)s)")
+    purify.add_argument("--stop-overlap", type=float, default=1.0, metavar="F",
+                        help="with --stop-patience: a set 'has not changed' when it overlaps the previous check's "
+                             "by at least F (Jaccard; default: %(default)s, the same set)")
+    purify.add_argument("--stop-threshold", type=float, default=None, metavar="T",
+                        help="with --stop-patience: compare the sets of masks below T instead of the pruning "
+                             "rule's (no evaluation per check; default: the pruning rule's set)")
     purify.add_argument("--preset", default=None, choices=("published", "backdoorbench"),
                         help="defaults of another front end (values and their sources: anp_fast.presets); flags "
                              "given here still win")
@@ -341,7 +347,7 @@ def _purify(args) -> int:
         clean_fraction = preset(args.preset, args.method).get("clean_fraction")
     run_purify(arch=args.arch, checkpoint=args.checkpoint, data=args.data, out=args.out, config=config,
                method=args.method, method_options=options, stop_patience=args.stop_patience,
-               stop_every=args.stop_every,
+               stop_every=args.stop_every, stop_overlap=args.stop_overlap, stop_threshold=args.stop_threshold,
                arch_args=_arch_args(args.arch_arg), clean_fraction=clean_fraction,
                clean_count=args.clean_count, holdout_fraction=args.holdout_fraction, prune_rule=args.prune,
                budget=args.budget, trigger=args.trigger, target=args.target, save_every=args.save_every,

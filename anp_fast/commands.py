@@ -67,14 +67,17 @@ def run_purify(*, arch: str, checkpoint: str, data: str, out: str, config: ANPCo
                save_every: int = 0, resume: bool = False, overwrite: bool = False,
                allow_small_clean: bool = False, workers: int = 0, progress: bool = True,
                command: Optional[Dict] = None, method: str = "anp", method_options=None,
-               stop_patience: int = 0, stop_every: int = 100, normalize: Optional[str] = None,
+               stop_patience: int = 0, stop_every: int = 100, stop_overlap: float = 1.0,
+               stop_threshold: Optional[float] = None, normalize: Optional[str] = None,
                force: bool = False, image_cache=None, log=print) -> Dict:
     """Load, learn masks with ``method`` (``anp``, ``rnp`` or a registered front end's; ``method_options``:
     its own settings, e.g. an RNPConfig), prune, and write every output into ``out``; returns the report.
     ``command``: the arguments to record in ``out/command.json`` for a later ``--resume``. ``stop_patience``
     K > 0: the opt-in stop rule (:class:`anp_fast.selection.StopRule`): every ``stop_every`` iterations the
     pruning rule is applied to the current masks, and the loop ends once the set it would prune has not changed
-    over K checks. ``normalize``: the input normalisation (:mod:`anp_fast.normalization`; default: the
+    over K checks; ``stop_overlap`` < 1: once each check's set overlaps the previous one's by that much (Jaccard);
+    ``stop_threshold`` T: the checks compare the sets of masks below T instead of the pruning rule's (no
+    evaluation per check). ``normalize``: the input normalisation (:mod:`anp_fast.normalization`; default: the
     checkpoint's recorded one, else the data set's). ``force``: go on when the loaded checkpoint fails the
     plausibility check (:func:`check_plausible`). ``image_cache``: where an ImageFolder's clean and held-out
     images are decoded once and memory-mapped by later runs (:mod:`anp_fast.image_cache`; None: its default
@@ -107,6 +110,13 @@ def run_purify(*, arch: str, checkpoint: str, data: str, out: str, config: ANPCo
             isinstance(stop_every, bool) or not isinstance(stop_every, int) or stop_every < 1:
         raise ConfigError(f"--stop-patience {stop_patience} / --stop-every {stop_every}: the patience must be an "
                           "integer >= 0 (0: off) and the check interval >= 1")
+    if isinstance(stop_overlap, bool) or not isinstance(stop_overlap, (int, float)) or not 0 < stop_overlap <= 1:
+        raise ConfigError(f"--stop-overlap {stop_overlap}: must be in (0, 1] (1: the same set at every check)")
+    if not stop_patience and (stop_overlap != 1.0 or stop_threshold is not None):
+        raise ConfigError("--stop-overlap and --stop-threshold set the early stop: give --stop-patience K as well")
+    if stop_threshold is not None and (isinstance(stop_threshold, bool) or not isinstance(stop_threshold, (int, float))
+                                       or not 0 < stop_threshold <= 1):
+        raise ConfigError(f"--stop-threshold {stop_threshold}: must be in (0, 1] (masks below it are compared)")
     if (clean_fraction is None) == (clean_count is None):
         clean_fraction = RUN.clean_fraction if clean_count is None else clean_fraction
     check_device(config.device, config.cuda_graphs)
@@ -185,9 +195,13 @@ def run_purify(*, arch: str, checkpoint: str, data: str, out: str, config: ANPCo
         from .selection import StopRule, choose
 
         fixed = {k: v for k, v in rule.items() if k in ("threshold", "number", "fraction")}
-        # the stop rule checks the cheap mask-order rule ("most"; the walk costs a clean pass per neuron)
-        stop_rule = StopRule((lambda m: choose(model, m, evaluator, budget, mode="most")["rule"])
-                             if rule.get("auto") else (lambda m: fixed), stop_patience)
+        if stop_threshold is not None:
+            fixed, check_rule_of = {"threshold": float(stop_threshold)}, None
+        elif rule.get("auto"):  # the cheap mask-order rule ("most"; the walk costs a clean pass per neuron)
+            check_rule_of = lambda m: choose(model, m, evaluator, budget, mode="most")["rule"]  # noqa: E731
+        else:
+            check_rule_of = None
+        stop_rule = StopRule(check_rule_of or (lambda m: fixed), stop_patience, overlap=stop_overlap)
         extra.update(monitor=stop_rule, monitor_every=stop_every)
     try:
         result = learn_masks(method, model, clean_data, config, progress=progress, save_every=save_every,
@@ -227,6 +241,7 @@ def run_purify(*, arch: str, checkpoint: str, data: str, out: str, config: ANPCo
         "before": before, "after": after, "pruned_neurons": n_pruned, "neurons": result.num_neurons,
         "method": method, "method_info": result.info,
         "stop_rule": None if stop_rule is None else {"patience": stop_patience, "every": stop_every,
+                                                     "overlap": stop_overlap, "threshold": stop_threshold,
                                                      "stopped_at": result.timings.get("stopped_at"),
                                                      "checks": stop_rule.checks},
         "anp": {"iters": result.timings["iters"], "resumed_at": result.timings["resumed_at"],

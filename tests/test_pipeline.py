@@ -399,6 +399,9 @@ def test_clean_walk_decides_on_a_share_of_the_budget_when_a_held_out_split_check
     (["--device", "foo"], "--device 'foo': not a device"),
     (["--workers", "-1"], "--workers -1: must be >= 0"),
     (["--save-every", "-1"], "--save-every -1: must be >= 0"),
+    (["--stop-patience", "2", "--stop-overlap", "1.5"], "--stop-overlap 1.5: must be in (0, 1]"),
+    (["--stop-patience", "2", "--stop-threshold", "0"], "--stop-threshold 0.0: must be in (0, 1]"),
+    (["--stop-overlap", "0.8"], "give --stop-patience K as well"),
 ])
 def test_purify_refuses_before_running(tmp_path, tiny_cifar, tiny_checkpoint, capsys, extra, message):
     _fails(capsys, ["purify", *TINY, "--checkpoint", tiny_checkpoint, "--data", tiny_cifar,
@@ -564,3 +567,18 @@ def test_memorized_held_out_images_are_told_apart_from_an_easy_data_set(held, te
     found = memorization(model, evaluator, evaluator(model))
     assert found["memorized"] is memorized, found
     assert found["holdout_fit"] == pytest.approx(math.log1p(9 * math.exp(-held)), rel=1e-3)  # fp32 logits
+
+
+def test_the_tolerant_stop_rule_ends_purify_early(tmp_path, tiny_cifar, tiny_checkpoint):
+    """--stop-threshold T compares the sets of masks below T (no evaluation per check); --stop-overlap F takes
+    sets that overlap by F for unchanged. Masks below 1.0 after a few steps overlap by far more than 1%."""
+    out = tmp_path / "o"
+    argv = ["purify", *TINY, "--checkpoint", tiny_checkpoint, "--data", tiny_cifar, "--out", str(out),
+            "--prune", "threshold:0.2", "--iters", "8", "--stop-patience", "1", "--stop-every", "2",
+            "--stop-overlap", "0.01", "--stop-threshold", "1.0"]
+    assert main(argv) == 0
+    stop = json.loads((out / "report.json").read_text())["stop_rule"]
+    assert stop["overlap"] == 0.01 and stop["threshold"] == 1.0 and stop["stopped_at"] == 4
+    assert [c["iteration"] for c in stop["checks"]] == [2, 4] and stop["checks"][1]["overlap"] >= 0.01
+    assert all(c["rule"] == {"threshold": 1.0} and c["pruned"] > 0 for c in stop["checks"])
+

@@ -22,6 +22,22 @@ def test_stop_rule_needs_the_same_set_patience_plus_one_times():
         StopRule(lambda m: {"number": 1}, patience=0)
 
 
+def test_a_tolerant_rule_stops_on_overlapping_sets():
+    """overlap < 1: consecutive sets that overlap (Jaccard) by at least that much count as unchanged."""
+    seq = [[0.1, 0.1, 0.1, 0.1, 0.9], [0.1, 0.1, 0.1, 0.1, 0.1], [0.1, 0.1, 0.1, 0.9, 0.1],
+           [0.1, 0.1, 0.1, 0.9, 0.9]]  # |sets| 4, 5, 4, 3; Jaccard 0.8, 0.8, 0.75
+    exact = StopRule(lambda m: {"threshold": 0.2}, patience=2)
+    assert not any(exact.observe(i, _masks(v)) for i, v in enumerate(seq))
+    assert [c.get("overlap") for c in exact.checks] == [None, 0.8, 0.8, 0.75]
+    loose = StopRule(lambda m: {"threshold": 0.2}, patience=2, overlap=0.8)
+    assert [loose.observe(i, _masks(v)) for i, v in enumerate(seq)] == [False, False, True, False]
+    looser = StopRule(lambda m: {"threshold": 0.2}, patience=3, overlap=0.75)
+    assert [looser.observe(i, _masks(v)) for i, v in enumerate(seq)] == [False, False, False, True]
+    for bad in (0, 1.5, True, "0.8"):
+        with pytest.raises(ConfigError, match="overlap"):
+            StopRule(lambda m: {"number": 1}, overlap=bad)
+
+
 def test_an_empty_set_never_stops_the_run():
     """Nothing to prune yet, however long it lasts, is not convergence (a matrix cell would have stopped at
     iteration 1300 with nothing pruned, ASR 100%)."""
@@ -72,3 +88,8 @@ def test_simulate_stop_replays_snapshots(tiny_resnet):
              "masks": torch.stack([flat.roll(s) for s in (5, 0, 0, 0, 0)])}
     out = simulate_stop(tiny_resnet, masks, early, evaluator, patience=2)
     assert out["stopped_at"] == 400 and out["saved"] == 600
+    # --stop-threshold 0.5 --stop-overlap 0.9: the sets below 0.5 of the rolled masks overlap by over 0.9
+    out = simulate_stop(tiny_resnet, masks, snaps, evaluator, patience=2, overlap=0.9, threshold=0.5)
+    assert [c["rule"] for c in out["checks"]] == [{"threshold": 0.5}] * 3
+    assert min(c["overlap"] for c in out["checks"][1:]) >= 0.9
+    assert out["stopped_at"] == 300 and out["saved"] == 200 and out["rule"] == {"number": 20} and out["same_set"]
