@@ -114,8 +114,8 @@ def run_purify(*, arch: str, checkpoint: str, data: str, out: str, config: ANPCo
         raise ConfigError(f"--stop-overlap {stop_overlap}: must be in (0, 1] (1: the same set at every check)")
     if not stop_patience and (stop_overlap != 1.0 or stop_threshold is not None):
         raise ConfigError("--stop-overlap and --stop-threshold set the early stop: give --stop-patience K as well")
-    if stop_threshold is not None and (isinstance(stop_threshold, bool) or not isinstance(stop_threshold, (int, float))
-                                       or not 0 < stop_threshold <= 1):
+    if stop_threshold is not None and (isinstance(stop_threshold, bool)
+                                       or not isinstance(stop_threshold, (int, float)) or not 0 < stop_threshold <= 1):
         raise ConfigError(f"--stop-threshold {stop_threshold}: must be in (0, 1] (masks below it are compared)")
     if (clean_fraction is None) == (clean_count is None):
         clean_fraction = RUN.clean_fraction if clean_count is None else clean_fraction
@@ -196,12 +196,14 @@ def run_purify(*, arch: str, checkpoint: str, data: str, out: str, config: ANPCo
 
         fixed = {k: v for k, v in rule.items() if k in ("threshold", "number", "fraction")}
         if stop_threshold is not None:
-            fixed, check_rule_of = {"threshold": float(stop_threshold)}, None
-        elif rule.get("auto"):  # the cheap mask-order rule ("most"; the walk costs a clean pass per neuron)
-            check_rule_of = lambda m: choose(model, m, evaluator, budget, mode="most")["rule"]  # noqa: E731
-        else:
-            check_rule_of = None
-        stop_rule = StopRule(check_rule_of or (lambda m: fixed), stop_patience, overlap=stop_overlap)
+            fixed = {"threshold": float(stop_threshold)}
+
+        def checked_rule(m):  # with auto, the cheap mask-order rule ("most"; the walk costs a pass per neuron)
+            if rule.get("auto") and stop_threshold is None:
+                return choose(model, m, evaluator, budget, mode="most")["rule"]
+            return fixed
+
+        stop_rule = StopRule(checked_rule, stop_patience, overlap=stop_overlap)
         extra.update(monitor=stop_rule, monitor_every=stop_every)
     try:
         result = learn_masks(method, model, clean_data, config, progress=progress, save_every=save_every,
