@@ -372,11 +372,14 @@ class StopRule:
 
 
 def simulate_stop(model, masks, snapshots: Dict, evaluator, budget_points: float = RUN.budget,
-                  patience: int = 3, overlap: float = 1.0, threshold: Optional[float] = None) -> Optional[Dict]:
+                  patience: int = 3, overlap: float = 1.0, threshold: Optional[float] = None,
+                  outcome_mode: str = "most", final_rule: Optional[Dict] = None) -> Optional[Dict]:
     """Replay :class:`StopRule` (checking the mask-order rule ``most``, as ``purify --stop-patience`` does, or
     the masks below ``threshold``, as ``--stop-threshold``; ``overlap`` as ``--stop-overlap``) on a finished
     run's mask ``snapshots`` ({"iterations", "masks" (S, N) flat, "layers"}): where it would have stopped, and
-    the pruned model the mask-order rule gives there (``evaluator`` row)."""
+    the model that ``auto:<outcome_mode>`` prunes from the masks there (``evaluator`` row; ``walk``: what
+    ``purify`` with the default rule would have given). ``same_set``: whether it prunes the set that rule
+    prunes from the final ``masks`` (``final_rule``, when known, saves choosing it again)."""
     import torch
 
     from .pruning import prune
@@ -397,9 +400,14 @@ def simulate_stop(model, masks, snapshots: Dict, evaluator, budget_points: float
     for it, flat in zip(its, snapshots["masks"]):
         if rule.observe(it, as_masks(flat)):
             stopped = as_masks(flat)
-            chosen = rule.checks[-1]["rule"] if threshold is None else most(stopped)
-            final_rule = most(masks)
+            if outcome_mode == "most" and threshold is None:
+                chosen = rule.checks[-1]["rule"]
+            else:
+                chosen = choose(model, stopped, evaluator, budget_points, mode=outcome_mode)["rule"]
+            if final_rule is None:
+                final_rule = choose(model, masks, evaluator, budget_points, mode=outcome_mode)["rule"]
             return {"stopped_at": it, "iters": its[-1], "saved": its[-1] - it, "rule": chosen,
+                    "outcome_mode": outcome_mode,
                     "same_set": pruned_set(stopped, chosen) == pruned_set(masks, final_rule),
                     "after": evaluator(prune(model, stopped, **chosen)), "checks": rule.checks}
     return {"stopped_at": None, "iters": its[-1], "saved": 0, "checks": rule.checks}

@@ -198,6 +198,48 @@ def dense_sweep(model, masks, evaluator, step: int = 2, stop_drop: float = 0.2) 
     return rows
 
 
+def _replay_of(folder: str, key: str, old: Optional[Dict]) -> Optional[Dict]:
+    """The kept replay ``key`` of a cell-method: its file, else the one an earlier eval.json holds."""
+    path = os.path.join(folder, STOP_REPLAYS[key][0])
+    return _read_json(path) if os.path.exists(path) else (old or {}).get(key)
+
+
+def _replay_needed(replay: Optional[Dict], key: str) -> bool:
+    """Whether the replay ``key`` must be run (again): none kept, other options, or, where it stopped, its outcome
+    judged by another rule (the mask-order rule before 2026-12-07, or the walk with other settings). Where a
+    replay stops depends on the masks and its options only. (Replays from before their options were recorded
+    are all of purify --stop-patience 3.)"""
+    if replay is None or replay.get("options", {"patience": 3}) != STOP_REPLAYS[key][1]:
+        return True
+    return replay.get("stopped_at") is not None and (replay.get("outcome_mode") != "walk"
+                                                     or replay.get("walk_rule") != current_rule())
+
+
+def _stop_replays(model, masks, evaluator, final_rule: Dict, folder: str, old: Optional[Dict], s: Settings) -> Dict:
+    """The stop rule's variants (STOP_REPLAYS) replayed on an ANP run's snapshots: where each would have stopped
+    and what the default rule (the walk) prunes from the masks there. Each kept in its own file next to
+    eval.json, and taken over from there (or from an earlier eval.json of the same masks) unless it must be run
+    again (:func:`_replay_needed`)."""
+    import torch
+
+    from anp_fast import selection
+
+    replays, snaps = {}, None
+    for key, (name, options) in STOP_REPLAYS.items():
+        path = os.path.join(folder, name)
+        replay = _replay_of(folder, key, old)
+        if _replay_needed(replay, key):
+            if snaps is None:
+                snaps = torch.load(os.path.join(folder, "snapshots.pt"), weights_only=True)
+            replay = selection.simulate_stop(model, masks, snaps, evaluator, budget_points=s.budget,
+                                             outcome_mode="walk", final_rule=final_rule, **options)
+            replay.update(options=options, walk_rule=current_rule())
+        if not os.path.exists(path) or _read_json(path) != replay:
+            _write_json(path, replay)
+        replays[key] = replay
+    return replays
+
+
 def eval_stage(cell: Cell, method: str, s: Settings, log, force: bool = False) -> Dict:
     import torch
 
@@ -210,6 +252,13 @@ def eval_stage(cell: Cell, method: str, s: Settings, log, force: bool = False) -
     old = _read_json(out) if os.path.exists(out) else None
     if old is not None and not force:
         if rule_of(old) == current_rule():
+            if method != "anp" or not any(_replay_needed(_replay_of(folder, k, old), k) for k in STOP_REPLAYS):
+                return old
+            # an evaluation from before a replay existed (or with a stale one): only the replays are added
+            model, _, evaluator = _setup(cell, s)
+            masks = load_masks(os.path.join(folder, "masks.txt"))
+            old.update(_stop_replays(model, masks, evaluator, old["chosen"]["rule"], folder, old, s))
+            _write_json(out, old)
             return old
         log(f"{cell.key} {method}: evaluated under {rule_of(old)}, re-evaluating under {current_rule()}")
     model, _, evaluator = _setup(cell, s)
@@ -230,25 +279,21 @@ def eval_stage(cell: Cell, method: str, s: Settings, log, force: bool = False) -
         if mode == "walk":
             chosen = picked
     after, n = outcomes["walk"]["after"], outcomes["walk"]["pruned"]
-    # the stop rule checks the mask-order rule ("most"), which no walk setting changes: kept apart, and taken
-    # over from an earlier evaluation of the same masks
-    stop, stop_path = None, os.path.join(folder, "stop.json")
-    if method == "anp":
-        if os.path.exists(stop_path):
-            stop = _read_json(stop_path)
-        else:
-            if old is not None and old.get("stop") is not None:
-                stop = old["stop"]
-            else:
-                snaps = torch.load(os.path.join(folder, "snapshots.pt"), weights_only=True)
-                stop = selection.simulate_stop(model, masks, snaps, evaluator, budget_points=s.budget)
-            _write_json(stop_path, stop)
+    replays = _stop_replays(model, masks, evaluator, chosen["rule"], folder, old, s) if method == "anp" else {}
     result = {"cell": cell.key, "data": cell.data, "attack": cell.attack, "rate": cell.rate, "seed": cell.seed,
               "method": method, "before": before, "after": after, "pruned": n, "chosen": chosen, "rules": outcomes,
               "oracle": _oracle(rows, before), "neurons": sum(int(m.numel()) for m in masks.values()),
-              "learn": _read_json(os.path.join(folder, "learn.json")), "stop": stop, **current_rule()}
+              "learn": _read_json(os.path.join(folder, "learn.json")), **{k: replays.get(k) for k in STOP_REPLAYS},
+              **current_rule()}
     _write_json(out, result)
     return result
+
+
+# the stop rule's variants replayed on every ANP cell: eval.json key -> (file, simulate_stop options)
+STOP_REPLAYS = {"stop": ("stop.json", {"patience": 3}),  # purify --stop-patience 3 (the mask-order rule's set)
+                # purify --stop-patience 3 --stop-threshold 0.2 --stop-overlap 0.8
+                "stop_overlap": ("stop_overlap.json", {"patience": 3, "threshold": 0.2, "overlap": 0.8})}
+STOP_FLAGS = {"stop": "--stop-patience 3", "stop_overlap": "--stop-patience 3 --stop-threshold 0.2 --stop-overlap 0.8"}
 
 
 # the default rule's settings an evaluation records, with their values for cells from before they were recorded
@@ -365,17 +410,30 @@ def write_report(results: List[Dict], out: str, stale: Optional[List[Dict]] = No
     if own:
         lines += ["", "\\* " + "; ".join(f"{d} {a}: `{ATTACKS_BY_DATA[(d, a)]}` (not the published "
                                          f"`{ATTACKS[a]}`, see the runner's ATTACKS comment)" for d, a in own)]
-    stops = [r for r in results if r.get("stop")]
-    if stops:  # the opt-in stop rule replayed on each ANP run's snapshots (rule "most", patience 3, every 100)
-        lines += ["", "Stop rule (`purify --stop-patience 3 --stop-every 100`, replayed on the kept masks):", "",
-                  "| cell | method | stopped at | iterations saved | same pruned set as at the end | ACC/ASR at the stop |",
-                  "|---|---|---|---|---|---|"]
+    stops = [r for r in results if r.get("stop") or r.get("stop_overlap")]
+    if stops:  # the opt-in stop rule's variants replayed on each ANP run's snapshots (checks every 100)
+        lines += ["", "Stop rule (opt-in, `purify --stop-every 100`), replayed on each ANP run's mask snapshots; at "
+                  "the stop, the default rule (the clean walk) prunes from the masks there:", "",
+                  "| cell | method | flags | stopped at | iterations saved | same pruned set as at the end | "
+                  "ACC/ASR at the stop | ACC/ASR at the end | bar at the stop / at the end |",
+                  "|---|---|---|---|---|---|---|---|---|"]
         for r in stops:
-            st = r["stop"]
-            at = st.get("after") or {}
-            lines.append(f"| {r['cell']} | {r['method']} | {st['stopped_at'] or 'never'} | {st['saved']} | "
-                         f"{'-' if st['stopped_at'] is None else ('yes' if st.get('same_set') else 'NO')} | "
-                         f"{_pct(at.get('acc')) if at else '-'}/{_pct(at.get('asr')) if at else '-'} |")
+            for key, flags in STOP_FLAGS.items():
+                st = r.get(key)
+                if not st:
+                    continue
+                at = st.get("after") if st["stopped_at"] is not None and st.get("outcome_mode") == "walk" else None
+                bar = "-"
+                if at:
+                    verdicts = [passes({"attack": r["attack"], "asr_after_worst": row.get("asr"),
+                                        "acc_drop_worst": r["before"]["acc"] - row["acc"]})
+                                for row in (at, r["after"])]
+                    bar = " / ".join({True: "met", False: "MISSED", None: "as is"}[v] for v in verdicts)
+                lines.append(f"| {r['cell']} | {r['method']} | `{flags}` | {st['stopped_at'] or 'never'} | "
+                             f"{st['saved']} | "
+                             f"{'-' if st['stopped_at'] is None else ('yes' if st.get('same_set') else 'no')} | "
+                             f"{_pct(at['acc']) if at else '-'}/{_pct(at.get('asr')) if at else '-'} | "
+                             f"{_pct(r['after']['acc'])}/{_pct(r['after'].get('asr'))} | {bar} |")
     if stale:
         lines += ["", f"Cells evaluated under an earlier default rule (not in the table; the runner re-evaluates them, "
                       f"current rule {current_rule()}):", "",

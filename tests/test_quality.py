@@ -11,7 +11,7 @@ TINY = ["--data", "digits-cifar", "--attacks", "badnets,sig,benign", "--rates", 
         "--snapshot-every", "2", "--dense-step", "40"]
 
 
-def test_tiny_matrix_runs_resumes_and_reports(tmp_path, capsys):
+def test_tiny_matrix_runs_resumes_and_reports(tmp_path, capsys, monkeypatch):
     work, report = tmp_path / "work", tmp_path / "report"
     assert quality.main(["--work", str(work), *TINY, "--report", str(report)]) == 0
     out = capsys.readouterr().out
@@ -34,7 +34,7 @@ def test_tiny_matrix_runs_resumes_and_reports(tmp_path, capsys):
     main_table, stop_table = table.split("\n\nStop rule")
     assert main_table.count("\n") == 1 + 6 and "| digits-cifar | benign |" in main_table
     assert sum(line.startswith("| digits-cifar/") and "| anp |" in line
-               for line in stop_table.splitlines()) == 3  # one row per ANP cell
+               for line in stop_table.splitlines()) == 3 * len(quality.STOP_REPLAYS)  # a row per ANP cell and variant
     assert (report / "quality.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     rows = (report / "quality.csv").read_text().splitlines()
     assert rows[0].startswith("data,attack,rate,method,seeds") and len(rows) == 7
@@ -73,6 +73,30 @@ def test_tiny_matrix_runs_resumes_and_reports(tmp_path, capsys):
     assert "removing anp/ of the earlier one" in capsys.readouterr().out
     assert os.path.getmtime(anp / "masks.txt") > learned
     assert "marker" not in json.loads((anp / "eval.json").read_text())["stop"]
+    # an evaluation from before a replay existed gets the replay alone (nothing else is evaluated again)
+    record = json.loads((anp / "eval.json").read_text())
+    del record["stop_overlap"]
+    record["before"]["marker"] = 1  # gone if the cell were evaluated again
+    (anp / "eval.json").write_text(json.dumps(record))
+    (anp / "stop_overlap.json").unlink()
+    assert quality.main(["--work", str(work), *TINY]) == 0
+    again = json.loads((anp / "eval.json").read_text())
+    assert again["stop_overlap"]["options"] == quality.STOP_REPLAYS["stop_overlap"][1]
+    assert {k: v for k, v in again.items() if k != "stop_overlap"} == record
+    # a replay that stops (here at the last check, 4): the default rule's outcome on the masks there
+    monkeypatch.setitem(quality.STOP_REPLAYS, "stop_overlap",
+                        ("stop_overlap.json", {"patience": 1, "threshold": 1.0, "overlap": 0.01}))
+    (anp / "stop_overlap.json").unlink()
+    s = quality.Settings(work=str(work), iters=4, epochs=1, width=4, clean_count=40, snapshot_every=2, dense_step=40)
+    r = quality.eval_stage(quality.Cell("digits-cifar", "sig", 0.1, 0), "anp", s, print, force=True)
+    st = r["stop_overlap"]
+    assert st["stopped_at"] == 4 and st["saved"] == 0 and st["outcome_mode"] == "walk"
+    assert st["walk_rule"] == quality.current_rule() and st["same_set"] and st["after"] == r["after"]
+    assert json.loads((anp / "stop_overlap.json").read_text()) == st
+    assert quality.main(["--work", str(work), "--seeds", "", "--report", str(report)]) == 0
+    row = [line for line in (report / "quality.md").read_text().splitlines()
+           if line.startswith("| digits-cifar/sig@0.1/s0 | anp | `--stop-patience 3 --stop-threshold")]
+    assert len(row) == 1 and "| 4 | 0 | yes |" in row[0] and row[0].count(" / ") == 1
 
 
 def _row(attack, asr_worst, drop_worst):
