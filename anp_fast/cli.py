@@ -160,8 +160,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="with --stop-patience: a set 'has not changed' when it overlaps the previous check's "
                              "by at least F (Jaccard; default: %(default)s, the same set)")
     purify.add_argument("--stop-threshold", type=float, default=None, metavar="T",
-                        help="with --stop-patience: compare the sets of masks below T instead of the pruning "
-                             "rule's (no evaluation per check; default: the pruning rule's set)")
+                        help="with --stop-patience: compare the sets of masks at or below T (0 < T < 1) instead "
+                             "of the pruning rule's (no evaluation per check; default: the pruning rule's set)")
     purify.add_argument("--preset", default=None, choices=("published", "backdoorbench"),
                         help="defaults of another front end (values and their sources: anp_fast.presets); flags "
                              "given here still win")

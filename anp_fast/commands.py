@@ -76,7 +76,7 @@ def run_purify(*, arch: str, checkpoint: str, data: str, out: str, config: ANPCo
     K > 0: the opt-in stop rule (:class:`anp_fast.selection.StopRule`): every ``stop_every`` iterations the
     pruning rule is applied to the current masks, and the loop ends once the set it would prune has not changed
     over K checks; ``stop_overlap`` < 1: once each check's set overlaps the previous one's by that much (Jaccard);
-    ``stop_threshold`` T: the checks compare the sets of masks below T instead of the pruning rule's (no
+    ``stop_threshold`` T: the checks compare the sets of masks at or below T instead of the pruning rule's (no
     evaluation per check). ``normalize``: the input normalisation (:mod:`anp_fast.normalization`; default: the
     checkpoint's recorded one, else the data set's). ``force``: go on when the loaded checkpoint fails the
     plausibility check (:func:`check_plausible`). ``image_cache``: where an ImageFolder's clean and held-out
@@ -115,8 +115,9 @@ def run_purify(*, arch: str, checkpoint: str, data: str, out: str, config: ANPCo
     if not stop_patience and (stop_overlap != 1.0 or stop_threshold is not None):
         raise ConfigError("--stop-overlap and --stop-threshold set the early stop: give --stop-patience K as well")
     if stop_threshold is not None and (isinstance(stop_threshold, bool)
-                                       or not isinstance(stop_threshold, (int, float)) or not 0 < stop_threshold <= 1):
-        raise ConfigError(f"--stop-threshold {stop_threshold}: must be in (0, 1] (masks below it are compared)")
+                                       or not isinstance(stop_threshold, (int, float)) or not 0 < stop_threshold < 1):
+        raise ConfigError(f"--stop-threshold {stop_threshold}: must be in (0, 1) (the masks at or below it are "
+                          "compared; masks lie in [0, 1], so 1 would take every neuron)")
     if (clean_fraction is None) == (clean_count is None):
         clean_fraction = RUN.clean_fraction if clean_count is None else clean_fraction
     check_device(config.device, config.cuda_graphs)

@@ -336,8 +336,8 @@ class StopRule:
 
     ``overlap`` < 1 relaxes "the same" to: each check's set overlaps the previous one's by at least ``overlap``
     (Jaccard). Why: on the quality matrix's 15 ANP cells the masks never settle within 2000 iterations: the set
-    below 0.2 keeps changing by 10-30% from one check (100 iterations) to the next up to the last one, so the
-    exact rule stopped no run (``benchmarks/results/stop_churn_20261207``)."""
+    at or below 0.2 keeps changing by 10-30% from one check (100 iterations) to the next up to the last one, and
+    the exact rule stopped 1 of the 15 runs (``benchmarks/results/stop_churn_20261207``)."""
 
     def __init__(self, choose_rule: Callable[[Dict[str, Tensor]], Dict], patience: int = 3, overlap: float = 1.0):
         from .errors import ConfigError
@@ -375,7 +375,7 @@ def simulate_stop(model, masks, snapshots: Dict, evaluator, budget_points: float
                   patience: int = 3, overlap: float = 1.0, threshold: Optional[float] = None,
                   outcome_mode: str = "most", final_rule: Optional[Dict] = None) -> Optional[Dict]:
     """Replay :class:`StopRule` (checking the mask-order rule ``most``, as ``purify --stop-patience`` does, or
-    the masks below ``threshold``, as ``--stop-threshold``; ``overlap`` as ``--stop-overlap``) on a finished
+    the masks at or below ``threshold``, as ``--stop-threshold``; ``overlap`` as ``--stop-overlap``) on a finished
     run's mask ``snapshots`` ({"iterations", "masks" (S, N) flat, "layers"}): where it would have stopped, and
     the model that ``auto:<outcome_mode>`` prunes from the masks there (``evaluator`` row; ``walk``: what
     ``purify`` with the default rule would have given). ``same_set``: whether it prunes the set that rule

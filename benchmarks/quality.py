@@ -215,11 +215,13 @@ def _replay_needed(replay: Optional[Dict], key: str) -> bool:
                                                      or replay.get("walk_rule") != current_rule())
 
 
-def _stop_replays(model, masks, evaluator, final_rule: Dict, folder: str, old: Optional[Dict], s: Settings) -> Dict:
+def _stop_replays(model, masks, evaluator, final_rule: Dict, folder: str, old: Optional[Dict], s: Settings,
+                  force: bool = False) -> Dict:
     """The stop rule's variants (STOP_REPLAYS) replayed on an ANP run's snapshots: where each would have stopped
     and what the default rule (the walk) prunes from the masks there. Each kept in its own file next to
     eval.json, and taken over from there (or from an earlier eval.json of the same masks) unless it must be run
-    again (:func:`_replay_needed`)."""
+    again (:func:`_replay_needed`; ``force``, as ``--force-eval``: also every replay that stopped, whose outcome
+    is the walk's)."""
     import torch
 
     from anp_fast import selection
@@ -228,11 +230,13 @@ def _stop_replays(model, masks, evaluator, final_rule: Dict, folder: str, old: O
     for key, (name, options) in STOP_REPLAYS.items():
         path = os.path.join(folder, name)
         replay = _replay_of(folder, key, old)
-        if _replay_needed(replay, key):
+        if _replay_needed(replay, key) or (force and replay.get("stopped_at") is not None):
             if snaps is None:
                 snaps = torch.load(os.path.join(folder, "snapshots.pt"), weights_only=True)
             replay = selection.simulate_stop(model, masks, snaps, evaluator, budget_points=s.budget,
                                              outcome_mode="walk", final_rule=final_rule, **options)
+            if replay is None:  # no snapshots (a run shorter than --snapshot-every): nothing to replay
+                replay = {"stopped_at": None, "iters": 0, "saved": 0, "checks": []}
             replay.update(options=options, walk_rule=current_rule())
         if not os.path.exists(path) or _read_json(path) != replay:
             _write_json(path, replay)
@@ -252,13 +256,17 @@ def eval_stage(cell: Cell, method: str, s: Settings, log, force: bool = False) -
     old = _read_json(out) if os.path.exists(out) else None
     if old is not None and not force:
         if rule_of(old) == current_rule():
-            if method != "anp" or not any(_replay_needed(_replay_of(folder, k, old), k) for k in STOP_REPLAYS):
+            if method != "anp":
                 return old
-            # an evaluation from before a replay existed (or with a stale one): only the replays are added
-            model, _, evaluator = _setup(cell, s)
-            masks = load_masks(os.path.join(folder, "masks.txt"))
-            old.update(_stop_replays(model, masks, evaluator, old["chosen"]["rule"], folder, old, s))
-            _write_json(out, old)
+            kept = {k: _replay_of(folder, k, old) for k in STOP_REPLAYS}
+            if any(_replay_needed(r, k) for k, r in kept.items()):
+                # an evaluation from before a replay existed (or with a stale one): only the replays are added
+                model, _, evaluator = _setup(cell, s)
+                masks = load_masks(os.path.join(folder, "masks.txt"))
+                kept = _stop_replays(model, masks, evaluator, old["chosen"]["rule"], folder, old, s)
+            if any(old.get(k) != r for k, r in kept.items()):  # e.g. a replay written, then the run stopped
+                old.update(kept)
+                _write_json(out, old)
             return old
         log(f"{cell.key} {method}: evaluated under {rule_of(old)}, re-evaluating under {current_rule()}")
     model, _, evaluator = _setup(cell, s)
@@ -279,7 +287,7 @@ def eval_stage(cell: Cell, method: str, s: Settings, log, force: bool = False) -
         if mode == "walk":
             chosen = picked
     after, n = outcomes["walk"]["after"], outcomes["walk"]["pruned"]
-    replays = _stop_replays(model, masks, evaluator, chosen["rule"], folder, old, s) if method == "anp" else {}
+    replays = _stop_replays(model, masks, evaluator, chosen["rule"], folder, old, s, force) if method == "anp" else {}
     result = {"cell": cell.key, "data": cell.data, "attack": cell.attack, "rate": cell.rate, "seed": cell.seed,
               "method": method, "before": before, "after": after, "pruned": n, "chosen": chosen, "rules": outcomes,
               "oracle": _oracle(rows, before), "neurons": sum(int(m.numel()) for m in masks.values()),
@@ -293,7 +301,16 @@ def eval_stage(cell: Cell, method: str, s: Settings, log, force: bool = False) -
 STOP_REPLAYS = {"stop": ("stop.json", {"patience": 3}),  # purify --stop-patience 3 (the mask-order rule's set)
                 # purify --stop-patience 3 --stop-threshold 0.2 --stop-overlap 0.8
                 "stop_overlap": ("stop_overlap.json", {"patience": 3, "threshold": 0.2, "overlap": 0.8})}
-STOP_FLAGS = {"stop": "--stop-patience 3", "stop_overlap": "--stop-patience 3 --stop-threshold 0.2 --stop-overlap 0.8"}
+
+
+def stop_flags(options: Dict) -> str:
+    """The purify flags of a replay's ``options`` (checks at the kept snapshots: --stop-every = --snapshot-every)."""
+    flags = f"--stop-patience {options['patience']}"
+    if options.get("threshold") is not None:
+        flags += f" --stop-threshold {options['threshold']:g}"
+    if options.get("overlap", 1.0) != 1.0:
+        flags += f" --stop-overlap {options['overlap']:g}"
+    return flags
 
 
 # the default rule's settings an evaluation records, with their values for cells from before they were recorded
@@ -412,16 +429,18 @@ def write_report(results: List[Dict], out: str, stale: Optional[List[Dict]] = No
                                          f"`{ATTACKS[a]}`, see the runner's ATTACKS comment)" for d, a in own)]
     stops = [r for r in results if r.get("stop") or r.get("stop_overlap")]
     if stops:  # the opt-in stop rule's variants replayed on each ANP run's snapshots (checks every 100)
-        lines += ["", "Stop rule (opt-in, `purify --stop-every 100`), replayed on each ANP run's mask snapshots; at "
-                  "the stop, the default rule (the clean walk) prunes from the masks there:", "",
+        lines += ["", "Stop rule (opt-in), replayed on each ANP run's mask snapshots (a check at every snapshot: "
+                  "`--stop-every` = the runner's `--snapshot-every`); at the stop, the default rule (the clean walk) "
+                  "prunes from the masks there:", "",
                   "| cell | method | flags | stopped at | iterations saved | same pruned set as at the end | "
                   "ACC/ASR at the stop | ACC/ASR at the end | bar at the stop / at the end |",
                   "|---|---|---|---|---|---|---|---|---|"]
         for r in stops:
-            for key, flags in STOP_FLAGS.items():
+            for key in STOP_REPLAYS:
                 st = r.get(key)
                 if not st:
                     continue
+                flags = stop_flags(st.get("options", {"patience": 3}))
                 at = st.get("after") if st["stopped_at"] is not None and st.get("outcome_mode") == "walk" else None
                 bar = "-"
                 if at:

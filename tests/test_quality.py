@@ -85,18 +85,39 @@ def test_tiny_matrix_runs_resumes_and_reports(tmp_path, capsys, monkeypatch):
     assert {k: v for k, v in again.items() if k != "stop_overlap"} == record
     # a replay that stops (here at the last check, 4): the default rule's outcome on the masks there
     monkeypatch.setitem(quality.STOP_REPLAYS, "stop_overlap",
-                        ("stop_overlap.json", {"patience": 1, "threshold": 1.0, "overlap": 0.01}))
+                        ("stop_overlap.json", {"patience": 1, "threshold": 0.999, "overlap": 0.5}))
     (anp / "stop_overlap.json").unlink()
     s = quality.Settings(work=str(work), iters=4, epochs=1, width=4, clean_count=40, snapshot_every=2, dense_step=40)
     r = quality.eval_stage(quality.Cell("digits-cifar", "sig", 0.1, 0), "anp", s, print, force=True)
     st = r["stop_overlap"]
     assert st["stopped_at"] == 4 and st["saved"] == 0 and st["outcome_mode"] == "walk"
+    assert 0.5 <= st["checks"][1]["overlap"] < 1  # the sets moved: the exact rule would not have stopped
     assert st["walk_rule"] == quality.current_rule() and st["same_set"] and st["after"] == r["after"]
     assert json.loads((anp / "stop_overlap.json").read_text()) == st
     assert quality.main(["--work", str(work), "--seeds", "", "--report", str(report)]) == 0
     row = [line for line in (report / "quality.md").read_text().splitlines()
-           if line.startswith("| digits-cifar/sig@0.1/s0 | anp | `--stop-patience 3 --stop-threshold")]
+           if line.startswith("| digits-cifar/sig@0.1/s0 | anp | `--stop-patience 1 --stop-threshold 0.999 "
+                              "--stop-overlap 0.5` |")]
     assert len(row) == 1 and "| 4 | 0 | yes |" in row[0] and row[0].count(" / ") == 1
+    # a replay file newer than eval.json (a run stopped between writing the two) is taken into eval.json
+    (anp / "stop_overlap.json").write_text(json.dumps(dict(st, marker=2)))
+    assert quality.main(["--work", str(work), *TINY]) == 0
+    assert json.loads((anp / "eval.json").read_text())["stop_overlap"] == dict(st, marker=2)
+
+
+def test_a_run_without_snapshots_gets_an_empty_replay(tmp_path):
+    """A run shorter than --snapshot-every kept no snapshot: each replay records that it never stopped, and is
+    not asked for again."""
+    import torch
+
+    (tmp_path / "anp").mkdir()
+    torch.save({"iterations": [], "masks": torch.zeros(0), "layers": []}, tmp_path / "anp" / "snapshots.pt")
+    s = quality.Settings(work=str(tmp_path))
+    replays = quality._stop_replays(None, {}, None, {"number": 0}, str(tmp_path / "anp"), None, s)
+    assert set(replays) == set(quality.STOP_REPLAYS)
+    for key, replay in replays.items():
+        assert replay["stopped_at"] is None and replay["saved"] == 0 and not quality._replay_needed(replay, key)
+        assert json.loads((tmp_path / "anp" / quality.STOP_REPLAYS[key][0]).read_text()) == replay
 
 
 def _row(attack, asr_worst, drop_worst):
