@@ -103,6 +103,11 @@ def test_tiny_matrix_runs_resumes_and_reports(tmp_path, capsys, monkeypatch):
     (anp / "stop_overlap.json").write_text(json.dumps(dict(st, marker=2)))
     assert quality.main(["--work", str(work), *TINY]) == 0
     assert json.loads((anp / "eval.json").read_text())["stop_overlap"] == dict(st, marker=2)
+    # --force-eval runs again the replays that stopped (their outcome is the walk's), and takes over the others
+    never = json.loads((anp / "stop.json").read_text())
+    (anp / "stop.json").write_text(json.dumps(dict(never, marker=3)))
+    r = quality.eval_stage(quality.Cell("digits-cifar", "sig", 0.1, 0), "anp", s, print, force=True)
+    assert never["stopped_at"] is None and r["stop"] == dict(never, marker=3) and r["stop_overlap"] == st
 
 
 def test_a_run_without_snapshots_gets_an_empty_replay(tmp_path):
