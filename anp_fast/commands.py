@@ -193,18 +193,12 @@ def run_purify(*, arch: str, checkpoint: str, data: str, out: str, config: ANPCo
     extra = {"options": method_options} if method_options is not None else {}
     stop_rule = None
     if stop_patience:
-        from .selection import StopRule, choose
+        from .selection import StopRule, stop_checked_rule
 
-        fixed = {k: v for k, v in rule.items() if k in ("threshold", "number", "fraction")}
-        if stop_threshold is not None:
-            fixed = {"threshold": float(stop_threshold)}
-
-        def checked_rule(m):  # with auto, the cheap mask-order rule ("most"; the walk costs a pass per neuron)
-            if rule.get("auto") and stop_threshold is None:
-                return choose(model, m, evaluator, budget, mode="most")["rule"]
-            return fixed
-
-        stop_rule = StopRule(checked_rule, stop_patience, overlap=stop_overlap)
+        fixed = None if rule.get("auto") else {k: v for k, v in rule.items()
+                                               if k in ("threshold", "number", "fraction")}
+        stop_rule = StopRule(stop_checked_rule(model, evaluator, budget, stop_threshold, fixed), stop_patience,
+                             overlap=stop_overlap)
         extra.update(monitor=stop_rule, monitor_every=stop_every)
     try:
         result = learn_masks(method, model, clean_data, config, progress=progress, save_every=save_every,

@@ -348,6 +348,7 @@ class StopRule:
             raise ConfigError(f"stop rule overlap={overlap!r}: must be a number in (0, 1] (1: the same set)")
         self.choose_rule, self.patience, self.overlap = choose_rule, patience, float(overlap)
         self.sets: List[frozenset] = []
+        self.overlaps: List[float] = []  # each check's overlap with the previous one (from the second check)
         self.checks: List[Dict] = []
 
     def __call__(self, iteration: int, engine) -> bool:
@@ -358,17 +359,29 @@ class StopRule:
         current = pruned_set(masks, rule)
         check = {"iteration": iteration, "rule": rule, "pruned": len(current)}
         if self.sets:
-            check["overlap"] = round(overlap_of(self.sets[-1], current), 4)
+            self.overlaps.append(overlap_of(self.sets[-1], current))
+            check["overlap"] = round(self.overlaps[-1], 4)
         self.sets.append(current)
         self.checks.append(check)
-        last = self.sets[-(self.patience + 1):]
         # an empty set is not a converged one: early in a run the rule often finds nothing to prune yet (on a
-        # BadNets matrix cell it chose 0 neurons at iterations 1000-1300 and would have stopped there, ASR 100%)
-        if len(last) < self.patience + 1 or not all(last):
-            return False
-        if self.overlap >= 1:
-            return all(x == last[0] for x in last)
-        return all(overlap_of(a, b) >= self.overlap for a, b in zip(last, last[1:]))
+        # BadNets matrix cell it chose 0 neurons at iterations 1000-1300 and would have stopped there, ASR 100%).
+        # Two non-empty sets overlap by 1 exactly when they are the same set: overlap 1 is the exact rule.
+        last = self.sets[-(self.patience + 1):]
+        return (len(last) == self.patience + 1 and all(last)
+                and all(o >= self.overlap for o in self.overlaps[-self.patience:]))
+
+
+def stop_checked_rule(model: nn.Module, evaluator, budget_points: float, threshold: Optional[float] = None,
+                      fixed: Optional[Dict] = None) -> Callable[[Dict[str, Tensor]], Dict]:
+    """The rule whose pruned set :class:`StopRule` compares between checks, as ``purify --stop-patience`` builds
+    it: the masks at or below ``threshold`` (``--stop-threshold``), else the ``fixed`` rule of ``--prune
+    threshold|number|fraction``, else the mask-order rule ``auto:most`` (the cheap stand-in for the clean walk,
+    which costs a clean pass per neuron)."""
+    if threshold is not None:
+        fixed = {"threshold": float(threshold)}
+    if fixed is not None:
+        return lambda masks: fixed
+    return lambda masks: choose(model, masks, evaluator, budget_points, mode="most")["rule"]
 
 
 def simulate_stop(model, masks, snapshots: Dict, evaluator, budget_points: float = RUN.budget,
@@ -392,11 +405,7 @@ def simulate_stop(model, masks, snapshots: Dict, evaluator, budget_points: float
     def as_masks(flat):
         return dict(zip(snapshots["layers"], torch.split(flat, sizes)))
 
-    def most(m):
-        return choose(model, m, evaluator, budget_points, mode="most")["rule"]
-
-    rule = StopRule((lambda m: {"threshold": float(threshold)}) if threshold is not None else most, patience,
-                    overlap=overlap)
+    rule = StopRule(stop_checked_rule(model, evaluator, budget_points, threshold), patience, overlap=overlap)
     for it, flat in zip(its, snapshots["masks"]):
         if rule.observe(it, as_masks(flat)):
             stopped = as_masks(flat)

@@ -198,18 +198,19 @@ def dense_sweep(model, masks, evaluator, step: int = 2, stop_drop: float = 0.2) 
     return rows
 
 
-def _replay_of(folder: str, key: str, old: Optional[Dict]) -> Optional[Dict]:
-    """The kept replay ``key`` of a cell-method: its file, else the one an earlier eval.json holds."""
+def _kept_replay(folder: str, key: str, old: Optional[Dict]) -> tuple:
+    """The kept replay ``key`` of a cell-method: its file, else the one an earlier eval.json holds; and the
+    file's content (None: no file)."""
     path = os.path.join(folder, STOP_REPLAYS[key][0])
-    return _read_json(path) if os.path.exists(path) else (old or {}).get(key)
+    on_file = _read_json(path) if os.path.exists(path) else None
+    return (on_file if on_file is not None else (old or {}).get(key)), on_file
 
 
 def _replay_needed(replay: Optional[Dict], key: str) -> bool:
     """Whether the replay ``key`` must be run (again): none kept, other options, or, where it stopped, its outcome
     judged by another rule (the mask-order rule before 2026-12-07, or the walk with other settings). Where a
-    replay stops depends on the masks and its options only. (Replays from before their options were recorded
-    are all of purify --stop-patience 3.)"""
-    if replay is None or replay.get("options", {"patience": 3}) != STOP_REPLAYS[key][1]:
+    replay stops depends on the masks and its options only."""
+    if replay is None or replay.get("options", LEGACY_REPLAY_OPTIONS) != STOP_REPLAYS[key][1]:
         return True
     return replay.get("stopped_at") is not None and (replay.get("outcome_mode") != "walk"
                                                      or replay.get("walk_rule") != current_rule())
@@ -228,8 +229,7 @@ def _stop_replays(model, masks, evaluator, final_rule: Dict, folder: str, old: O
 
     replays, snaps = {}, None
     for key, (name, options) in STOP_REPLAYS.items():
-        path = os.path.join(folder, name)
-        replay = _replay_of(folder, key, old)
+        replay, on_file = _kept_replay(folder, key, old)
         if _replay_needed(replay, key) or (force and replay.get("stopped_at") is not None):
             if snaps is None:
                 snaps = torch.load(os.path.join(folder, "snapshots.pt"), weights_only=True)
@@ -238,8 +238,8 @@ def _stop_replays(model, masks, evaluator, final_rule: Dict, folder: str, old: O
             if replay is None:  # no snapshots (a run shorter than --snapshot-every): nothing to replay
                 replay = {"stopped_at": None, "iters": 0, "saved": 0, "checks": []}
             replay.update(options=options, walk_rule=current_rule())
-        if not os.path.exists(path) or _read_json(path) != replay:
-            _write_json(path, replay)
+        if replay != on_file:
+            _write_json(os.path.join(folder, name), replay)
         replays[key] = replay
     return replays
 
@@ -258,7 +258,7 @@ def eval_stage(cell: Cell, method: str, s: Settings, log, force: bool = False) -
         if rule_of(old) == current_rule():
             if method != "anp":
                 return old
-            kept = {k: _replay_of(folder, k, old) for k in STOP_REPLAYS}
+            kept = {k: _kept_replay(folder, k, old)[0] for k in STOP_REPLAYS}
             if any(_replay_needed(r, k) for k, r in kept.items()):
                 # an evaluation from before a replay existed (or with a stale one): only the replays are added
                 model, _, evaluator = _setup(cell, s)
@@ -301,6 +301,7 @@ def eval_stage(cell: Cell, method: str, s: Settings, log, force: bool = False) -
 STOP_REPLAYS = {"stop": ("stop.json", {"patience": 3}),  # purify --stop-patience 3 (the mask-order rule's set)
                 # purify --stop-patience 3 --stop-threshold 0.2 --stop-overlap 0.8
                 "stop_overlap": ("stop_overlap.json", {"patience": 3, "threshold": 0.2, "overlap": 0.8})}
+LEGACY_REPLAY_OPTIONS = {"patience": 3}  # the options of every replay from before they were recorded
 
 
 def stop_flags(options: Dict) -> str:
@@ -427,7 +428,7 @@ def write_report(results: List[Dict], out: str, stale: Optional[List[Dict]] = No
     if own:
         lines += ["", "\\* " + "; ".join(f"{d} {a}: `{ATTACKS_BY_DATA[(d, a)]}` (not the published "
                                          f"`{ATTACKS[a]}`, see the runner's ATTACKS comment)" for d, a in own)]
-    stops = [r for r in results if r.get("stop") or r.get("stop_overlap")]
+    stops = [r for r in results if any(r.get(key) for key in STOP_REPLAYS)]
     if stops:  # the opt-in stop rule's variants replayed on each ANP run's snapshots (checks every 100)
         lines += ["", "Stop rule (opt-in), replayed on each ANP run's mask snapshots (a check at every snapshot: "
                   "`--stop-every` = the runner's `--snapshot-every`); at the stop, the default rule (the clean walk) "
@@ -440,7 +441,7 @@ def write_report(results: List[Dict], out: str, stale: Optional[List[Dict]] = No
                 st = r.get(key)
                 if not st:
                     continue
-                flags = stop_flags(st.get("options", {"patience": 3}))
+                flags = stop_flags(st.get("options", LEGACY_REPLAY_OPTIONS))
                 at = st.get("after") if st["stopped_at"] is not None and st.get("outcome_mode") == "walk" else None
                 bar = "-"
                 if at:
