@@ -12,7 +12,8 @@ also gives the oracle (the lowest test ASR within a 2-point test-ACC drop) as a 
 
 Everything a stage makes is written atomically into ``DIR/<data>/<attack>@<rate>/s<seed>/`` and a stage whose
 output exists is skipped, so an interrupted run continues where it stopped (``--jobs`` cells at a time, each in
-its own process with ``--threads`` threads). Masks are kept every ``--snapshot-every`` iterations, so the stop
+its own process with ``--threads`` threads); inside the masks stage, from the last snapshot (the run state is
+saved with each). Masks are kept every ``--snapshot-every`` iterations, so the stop
 rule (:mod:`anp_fast.selection`) is measured from the same runs: the iteration it would stop at and the outcome
 it would have given. ``--report OUT`` writes quality.md, quality.csv, cells.json and quality.png from whatever
 cells are done.
@@ -142,9 +143,14 @@ def _setup(cell: Cell, s: Settings):
 
 
 def masks_stage(cell: Cell, method: str, s: Settings, log) -> str:
+    """Learn ``method``'s masks on ``cell`` (nothing when ``learn.json`` is there). Resumable: the run state is
+    saved at every snapshot (``s.snapshot_every`` iterations) and the snapshots so far beside it, so a runner
+    killed mid-run goes on from the last snapshot with the masks and snapshots of an uninterrupted run."""
     import torch
 
     from anp_fast import ANPConfig, save_masks
+    from anp_fast.commands import STATE_FILES
+    from anp_fast.fileio import atomic_torch_save
     from anp_fast.methods import learn_masks
 
     folder = os.path.join(s.work, cell.key, method)
@@ -155,24 +161,47 @@ def masks_stage(cell: Cell, method: str, s: Settings, log) -> str:
     model, clean, _ = _setup(cell, s)
     config = ANPConfig(iters=s.iters, seed=cell.seed,
                        precision=s.precision if method == "anp" else s.rnp_precision)
-    snapshots = []
+    partial = os.path.join(folder, "snapshots_partial.pt")
+    snapshots = _partial_snapshots(os.path.join(folder, f"{method}_state.pt"), partial, s.snapshot_every)
 
     def keep(iteration, engine):
-        snapshots.append((iteration, engine.state.mask.detach().cpu().clone()))
+        snapshots[iteration] = engine.state.mask.detach().cpu().clone()
+        atomic_torch_save({"iterations": list(snapshots), "masks": list(snapshots.values())}, partial)
         return False
 
     result = learn_masks(method, model, clean, config, progress=False, monitor=keep,
-                         monitor_every=s.snapshot_every)
+                         monitor_every=s.snapshot_every, state_dir=folder, resume=True,
+                         save_every=s.snapshot_every)
+    if result.timings.get("resumed_at"):
+        log(f"{cell.key} {method}: resumed at iteration {result.timings['resumed_at']}")
     save_masks(result.masks, os.path.join(folder, "masks.txt"))
-    from anp_fast.fileio import atomic_torch_save
-
-    atomic_torch_save({"iterations": [i for i, _ in snapshots],
-                       "masks": torch.stack([m for _, m in snapshots]) if snapshots else torch.zeros(0),
+    its = sorted(i for i in snapshots if i <= result.timings["iters"])
+    atomic_torch_save({"iterations": its, "masks": torch.stack([snapshots[i] for i in its]) if its else torch.zeros(0),
                        "layers": result.layers}, os.path.join(folder, "snapshots.pt"))
     _write_json(done, {"method": method, "seconds": result.timings["total_s"], "iters": result.timings["iters"],
-                       "per_iter_s": result.timings["per_iter_s"], "config": config.to_dict(), "info": result.info,
-                       "threads": torch.get_num_threads()})
+                       "per_iter_s": result.timings["per_iter_s"], "resumed_at": result.timings.get("resumed_at", 0),
+                       "config": config.to_dict(), "info": result.info, "threads": torch.get_num_threads()})
+    for name in (*STATE_FILES, os.path.basename(partial)):
+        if os.path.exists(os.path.join(folder, name)):
+            os.remove(os.path.join(folder, name))
     return folder
+
+
+def _partial_snapshots(state: str, partial: str, every: int) -> Dict[int, "object"]:
+    """The snapshots an interrupted masks stage took up to the iteration its saved run ``state`` holds ({} when
+    there is none: the run starts over). The state is saved just before the snapshot of the same iteration, so
+    a run killed between the two lacks that snapshot: it is the state's own mask."""
+    import torch
+
+    if not os.path.exists(state):
+        return {}
+    saved = torch.load(state, weights_only=True)
+    upto = int(saved["iteration"])
+    taken = torch.load(partial, weights_only=True) if os.path.exists(partial) else {"iterations": [], "masks": []}
+    snapshots = {int(i): m for i, m in zip(taken["iterations"], taken["masks"]) if int(i) <= upto}
+    if upto % every == 0 and upto not in snapshots:
+        snapshots[upto] = saved["engine"]["mask"].clone()
+    return dict(sorted(snapshots.items()))
 
 
 def _oracle(rows: List[Dict], before: Dict) -> Dict:

@@ -1,6 +1,7 @@
 """The quality runner (python -m anp_fast_bench.quality) on a tiny matrix, its resume and its table."""
 import json
 import os
+import shutil
 
 import pytest
 
@@ -172,3 +173,62 @@ def test_the_csv_takes_the_columns_of_every_row(tmp_path):
 
     write_csv(str(tmp_path / "t.csv"), [{"a": 1, "b": 2}, {"a": 3, "c": 4}])
     assert (tmp_path / "t.csv").read_text().splitlines() == ["a,b,c", "1,2,", "3,,4"]
+
+
+ONE = ["--data", "digits-cifar", "--attacks", "badnets", "--rates", "0.1", "--seeds", "0", "--methods", "anp",
+       "--iters", "6", "--epochs", "1", "--width", "4", "--clean-count", "40", "--snapshot-every", "2",
+       "--dense-step", "40"]
+
+
+def test_a_killed_masks_stage_resumes_with_the_masks_and_snapshots_of_an_uninterrupted_run(tmp_path, monkeypatch):
+    """A runner killed mid-run (a machine going away: no Ctrl-C handler runs), in a step or between saving the
+    state and taking the snapshot of the same iteration, loses at most --snapshot-every iterations: the next run
+    goes on from the saved state, and its masks and snapshots are those of a run never stopped; no state is left
+    behind."""
+    import torch
+
+    import anp_fast.engine
+    import anp_fast.fileio
+
+    work = tmp_path / "work"
+    assert quality.main(["--work", str(work), *ONE]) == 0
+    folder = work / "digits-cifar" / "badnets@0.1" / "s0" / "anp"
+    whole = (folder / "masks.txt").read_text()
+    whole_snaps = torch.load(folder / "snapshots.pt", weights_only=True)
+    assert whole_snaps["iterations"] == [2, 4, 6]
+    cell = quality.Cell("digits-cifar", "badnets", 0.1, 0)
+    s = quality.Settings(work=str(work), iters=6, epochs=1, width=4, clean_count=40, snapshot_every=2,
+                         dense_step=40)
+
+    class Killed(Exception):
+        pass
+
+    step, save = anp_fast.engine.ANPEngine.step, anp_fast.fileio.atomic_torch_save
+    calls = []
+
+    def dying_step(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 5:
+            raise Killed()
+        return step(self, *args, **kwargs)
+
+    def dying_save(obj, path, *args, **kwargs):
+        if str(path).endswith("snapshots_partial.pt") and 4 in obj["iterations"]:
+            raise Killed()
+        return save(obj, path, *args, **kwargs)
+
+    for target, name, dying in ((anp_fast.engine.ANPEngine, "step", dying_step),
+                                (anp_fast.fileio, "atomic_torch_save", dying_save)):
+        shutil.rmtree(folder)
+        with monkeypatch.context() as mp:
+            mp.setattr(target, name, dying)
+            with pytest.raises(Killed):
+                quality.masks_stage(cell, "anp", s, print)
+        assert torch.load(folder / "anp_state.pt", weights_only=True)["iteration"] == 4, name
+        assert not (folder / "learn.json").exists()
+        quality.masks_stage(cell, "anp", s, print)
+        assert (folder / "masks.txt").read_text() == whole, name
+        snaps = torch.load(folder / "snapshots.pt", weights_only=True)
+        assert snaps["iterations"] == whole_snaps["iterations"] and torch.equal(snaps["masks"], whole_snaps["masks"])
+        assert json.loads((folder / "learn.json").read_text())["resumed_at"] == 4
+        assert sorted(p.name for p in folder.iterdir()) == ["learn.json", "masks.txt", "snapshots.pt"], name
