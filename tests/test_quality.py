@@ -232,3 +232,22 @@ def test_a_killed_masks_stage_resumes_with_the_masks_and_snapshots_of_an_uninter
         assert snaps["iterations"] == whole_snaps["iterations"] and torch.equal(snaps["masks"], whole_snaps["masks"])
         assert json.loads((folder / "learn.json").read_text())["resumed_at"] == 4
         assert sorted(p.name for p in folder.iterdir()) == ["learn.json", "masks.txt", "snapshots.pt"], name
+
+
+def test_the_readme_table_is_the_committed_report_and_the_report_its_cells(tmp_path):
+    """The README's quality table is the committed report's, and that report's tables are what the runner writes
+    from the committed per-cell results (cells.json): nobody edited a number by hand or forgot to regenerate."""
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    readme = (root / "README.md").read_text()
+    section = readme[readme.index("- Quality matrix ("):readme.index("## Coming from the published code")]
+    folder = root / re.search(r"under it so far: `(benchmarks/results/[^`]+?)/?`", section).group(1)
+    committed = (folder / "quality.md").read_text()
+    table = committed.split("\n\nStop rule")[0].split("\n\nCells evaluated under")[0].strip()
+    assert table.count("\n") >= 2 and table in section
+    quality.write_report(json.loads((folder / "cells.json").read_text()), str(tmp_path))
+    again = (tmp_path / "quality.md").read_text()
+    current = lambda text: text.split("\n\nCells evaluated under")[0].rstrip()  # noqa: E731 (stale cells: not in cells.json)
+    assert current(again) == current(committed)
