@@ -249,5 +249,5 @@ def test_the_readme_table_is_the_committed_report_and_the_report_its_cells(tmp_p
     assert table.count("\n") >= 2 and table in section
     quality.write_report(json.loads((folder / "cells.json").read_text()), str(tmp_path))
     again = (tmp_path / "quality.md").read_text()
-    current = lambda text: text.split("\n\nCells evaluated under")[0].rstrip()  # noqa: E731 (stale cells: not in cells.json)
+    current = lambda text: text.split("\n\nCells evaluated under")[0].rstrip()  # noqa: E731 (stale: not in it)
     assert current(again) == current(committed)
