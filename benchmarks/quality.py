@@ -175,7 +175,7 @@ def masks_stage(cell: Cell, method: str, s: Settings, log) -> str:
     if result.timings.get("resumed_at"):
         log(f"{cell.key} {method}: resumed at iteration {result.timings['resumed_at']}")
     save_masks(result.masks, os.path.join(folder, "masks.txt"))
-    its = sorted(i for i in snapshots if i <= result.timings["iters"])
+    its = list(snapshots)  # in order: the earlier run's (up to its state) and this run's, which go on from there
     atomic_torch_save({"iterations": its, "masks": torch.stack([snapshots[i] for i in its]) if its else torch.zeros(0),
                        "layers": result.layers}, os.path.join(folder, "snapshots.pt"))
     _write_json(done, {"method": method, "seconds": result.timings["total_s"], "iters": result.timings["iters"],
