@@ -34,7 +34,7 @@ from .selection import THRESHOLDS
 from .surgery import perturbable_layers
 
 STATE_FILE = "anp_state.pt"
-STATE_FILES = (STATE_FILE, "rnp_state.pt", "rnp_unlearned.pt")  # what the methods save to resume from
+STATE_FILES = (STATE_FILE, "rnp_state.pt", "rnp_unlearned.pt")  # the built-in methods' (any method's: methods.state_files)
 COMMAND_FILE = "command.json"
 PURIFY_OUTPUTS = ("purified.safetensors", "purified.pt", "masks.txt", "report.json", "sweep.csv",
                   "mask_histograms.png", "pruning_sweep.png")
@@ -87,7 +87,7 @@ def run_purify(*, arch: str, checkpoint: str, data: str, out: str, config: ANPCo
     arguments: they learn the masks together (:mod:`anp_fast.distributed`) and each evaluates its part of every
     data set for the pruning sweep and the choice (the counts are summed); rank 0 alone logs, writes the
     outputs and the run state, and returns the report; the other ranks return None."""
-    from .methods import METHODS
+    from .methods import METHODS, state_files
     from .checkpoint import save_checkpoint
     from .datasets import ImageFolderDataset, clean_split
     from .distributed import current, rank
@@ -123,11 +123,11 @@ def run_purify(*, arch: str, checkpoint: str, data: str, out: str, config: ANPCo
     check_device(config.device, config.cuda_graphs)
     if method not in METHODS:
         raise ConfigError(f"--method {method!r}: known methods are {', '.join(METHODS)}")
-    saved_state = any(os.path.exists(os.path.join(out, f)) for f in STATE_FILES)
+    saved = [os.path.join(out, f) for f in state_files(method) if os.path.exists(os.path.join(out, f))]
+    saved_state = bool(saved)
     finished = os.path.join(out, "report.json")
     if resume and os.path.exists(finished) and all(
-            os.path.getmtime(finished) >= os.path.getmtime(os.path.join(out, f))
-            for f in STATE_FILES if os.path.exists(os.path.join(out, f))):
+            os.path.getmtime(finished) >= os.path.getmtime(f) for f in saved):
         raise ConfigError(f"{out} holds a finished run (its report.json is newer than its saved state): nothing "
                           "to resume, nothing changed; choose another --out, or --overwrite to run again there")
     if resume and not saved_state and any(os.path.exists(os.path.join(out, f)) for f in PURIFY_OUTPUTS):

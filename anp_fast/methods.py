@@ -8,7 +8,8 @@ files and reports are the same for every method. A method is a function
 
 registered with :func:`register_method`; ``clean`` is an (x, y) tensor pair or a Dataset, ``config`` an
 :class:`~anp_fast.ANPConfig` (seed, device, precision and fast paths; ANP reads every field), and the keyword
-arguments are optional services (``state_dir``: a folder for resumable state). It builds on the same pieces as
+arguments are optional services (``state_dir``: a folder for resumable state: the mask loop's state goes to
+``state_path(state_dir, NAME)``, and ``purify --resume`` finds it there). It builds on the same pieces as
 ANP: :func:`~anp_fast.perturb_model` (perturbable layers over flat mask storage), :class:`~anp_fast.ANPEngine`
 (the mask step: SGD with momentum and the [0, 1] clamp, with ``eps=0`` a plain clean-loss mask step) and
 :func:`~anp_fast.optimize_masks` (the loop: batches, progress, checks, resume, monitor).
@@ -42,14 +43,39 @@ from .progress import progress_bar
 
 Method = Callable[..., ANPResult]
 METHODS: Dict[str, Method] = {}
+_STATE_FILES: Dict[str, Tuple[str, ...]] = {}
 
 
-def register_method(name: str, learn: Method) -> Method:
-    """Make ``learn`` available as ``--method NAME`` (and to :func:`learn_masks`). Returns ``learn``."""
+def register_method(name: str, learn: Method, *, state_files: Tuple[str, ...] = ()) -> Method:
+    """Make ``learn`` available as ``--method NAME`` (and to :func:`learn_masks`). Returns ``learn``.
+    ``state_files``: what ``learn`` saves in ``state_dir`` to resume from besides its mask loop's state
+    (:func:`state_path`); a run that left any of them behind is one ``purify --resume`` continues."""
     if not name or not name.replace("_", "").replace("-", "").isalnum():
         raise ConfigError(f"method name {name!r}: use letters, digits, '-' and '_'")
+    if isinstance(state_files, str) or not all(isinstance(f, str) and f and os.path.basename(f) == f
+                                               for f in state_files):
+        raise ConfigError(f"method {name!r}: state_files={state_files!r} must be a tuple of plain file names")
     METHODS[name] = learn
+    _STATE_FILES[name] = (state_file(name), *state_files)
     return learn
+
+
+def state_file(method: str) -> str:
+    """The file name of ``method``'s mask loop state (``<method>_state.pt``; the loop's ``state_path``)."""
+    return f"{method}_state.pt"
+
+
+def state_path(state_dir: Optional[str], method: str) -> Optional[str]:
+    """Where ``method`` keeps its mask loop's state in ``state_dir`` (None without a folder): what a method
+    passes to :func:`~anp_fast.optimize_masks` as ``state_path``."""
+    return os.path.join(state_dir, state_file(method)) if state_dir else None
+
+
+def state_files(method: str) -> Tuple[str, ...]:
+    """Every file a run of the registered ``method`` saves to resume from, its mask loop's state first."""
+    if method not in METHODS:
+        raise ConfigError(f"unknown method {method!r}; known: {', '.join(METHODS)}")
+    return _STATE_FILES[method]
 
 
 def learn_masks(method: str, model: nn.Module, clean, config: ANPConfig, **services) -> ANPResult:
@@ -59,15 +85,11 @@ def learn_masks(method: str, model: nn.Module, clean, config: ANPConfig, **servi
     return METHODS[method](model, clean, config, **services)
 
 
-def _state_path(state_dir: Optional[str], name: str) -> Optional[str]:
-    return os.path.join(state_dir, name) if state_dir else None
-
-
 def anp(model: nn.Module, clean, config: ANPConfig, *, progress: bool = True, state_dir: Optional[str] = None,
         resume: bool = False, save_every: int = 0, monitor=None, monitor_every: int = 100) -> ANPResult:
     """Adversarial Neuron Pruning: :func:`~anp_fast.optimize_masks` with ``config``."""
     return optimize_masks(model, clean, config, progress=progress, save_every=save_every,
-                          state_path=_state_path(state_dir, "anp_state.pt"), resume=resume, monitor=monitor,
+                          state_path=state_path(state_dir, "anp"), resume=resume, monitor=monitor,
                           monitor_every=monitor_every)
 
 
@@ -144,6 +166,9 @@ def _collective(config: ANPConfig):
     return current(config.local_statistics)
 
 
+RNP_UNLEARNED = "rnp_unlearned.pt"  # the unlearned copy, saved once step 1 is done
+
+
 def rnp(model: nn.Module, clean, config: ANPConfig, *, options: Optional[RNPConfig] = None,
         progress: bool = True, state_dir: Optional[str] = None, resume: bool = False, save_every: int = 0,
         monitor=None, monitor_every: int = 100) -> ANPResult:
@@ -158,7 +183,7 @@ def rnp(model: nn.Module, clean, config: ANPConfig, *, options: Optional[RNPConf
 
     device = _device_of(config, model)
     start = time.perf_counter()
-    unlearned_path = _state_path(state_dir, "rnp_unlearned.pt")
+    unlearned_path = os.path.join(state_dir, RNP_UNLEARNED) if state_dir else None
     source = EpochSource(x, y, opts.batch_size, opts.recover_epochs, config.seed)
     if resume and unlearned_path and os.path.exists(unlearned_path):
         saved = torch.load(unlearned_path, map_location="cpu", weights_only=True)
@@ -187,7 +212,7 @@ def rnp(model: nn.Module, clean, config: ANPConfig, *, options: Optional[RNPConf
     recover = config.replace(eps=0.0, alpha=opts.alpha, lr=opts.recover_lr, momentum=opts.recover_momentum,
                              batch_size=opts.batch_size, iters=len(source))
     result = optimize_masks(net, source, recover, progress=progress, save_every=save_every,
-                            state_path=_state_path(state_dir, "rnp_state.pt"), resume=resume, monitor=monitor,
+                            state_path=state_path(state_dir, "rnp"), resume=resume, monitor=monitor,
                             monitor_every=monitor_every)
     result.timings["unlearn_s"] = unlearn_s
     result.timings["total_s"] += unlearn_s
@@ -196,4 +221,4 @@ def rnp(model: nn.Module, clean, config: ANPConfig, *, options: Optional[RNPConf
 
 
 register_method("anp", anp)
-register_method("rnp", rnp)
+register_method("rnp", rnp, state_files=(RNP_UNLEARNED,))

@@ -149,9 +149,8 @@ def masks_stage(cell: Cell, method: str, s: Settings, log) -> str:
     import torch
 
     from anp_fast import ANPConfig, save_masks
-    from anp_fast.commands import STATE_FILES
     from anp_fast.fileio import atomic_torch_save
-    from anp_fast.methods import learn_masks
+    from anp_fast.methods import learn_masks, state_file, state_files
 
     folder = os.path.join(s.work, cell.key, method)
     done = os.path.join(folder, "learn.json")
@@ -162,7 +161,7 @@ def masks_stage(cell: Cell, method: str, s: Settings, log) -> str:
     config = ANPConfig(iters=s.iters, seed=cell.seed,
                        precision=s.precision if method == "anp" else s.rnp_precision)
     partial = os.path.join(folder, "snapshots_partial.pt")
-    snapshots = _partial_snapshots(os.path.join(folder, f"{method}_state.pt"), partial, s.snapshot_every)
+    snapshots = _partial_snapshots(os.path.join(folder, state_file(method)), partial, s.snapshot_every)
 
     def keep(iteration, engine):
         snapshots[iteration] = engine.state.mask.detach().cpu().clone()
@@ -181,7 +180,7 @@ def masks_stage(cell: Cell, method: str, s: Settings, log) -> str:
     _write_json(done, {"method": method, "seconds": result.timings["total_s"], "iters": result.timings["iters"],
                        "per_iter_s": result.timings["per_iter_s"], "resumed_at": result.timings.get("resumed_at", 0),
                        "config": config.to_dict(), "info": result.info, "threads": torch.get_num_threads()})
-    for name in (*STATE_FILES, os.path.basename(partial)):
+    for name in (*state_files(method), os.path.basename(partial)):
         if os.path.exists(os.path.join(folder, name)):
             os.remove(os.path.join(folder, name))
     return folder

@@ -132,6 +132,64 @@ def test_resume_from_the_cli_matches_an_uninterrupted_run(tmp_path, tiny_cifar, 
     assert json.loads((part / "report.json").read_text())["anp"]["resumed_at"] == 4
 
 
+def _readme_front_end_method():
+    """The README's front-end method, run as written there (up to its register_method line)."""
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    (block,) = [b for b in re.findall(r"```python\n(.*?)```", readme, re.S) if "register_method(" in b]
+    code = block[:block.index("\n", block.index('register_method("'))]
+    exec(compile(code, "README.md", "exec"), {})
+
+
+def test_a_front_end_method_resumes_where_purify_looks(tmp_path, tiny_cifar, tiny_checkpoint, monkeypatch):
+    """The README's own method keeps its state where ``purify --resume`` looks for it: an interrupted run goes on
+    from there (the masks of an uninterrupted run), and the run's state file is named by the method."""
+    from anp_fast.engine import ANPEngine
+    from anp_fast.methods import METHODS, state_files
+
+    _readme_front_end_method()
+    try:
+        assert state_files("clean-masks") == ("clean-masks_state.pt",)
+        common = [*TINY, "--iters", "6", "--checkpoint", tiny_checkpoint, "--data", tiny_cifar, "--no-progress",
+                  "--no-channels-last", "--method", "clean-masks"]
+        full = tmp_path / "full"
+        assert main(["purify", *common, "--out", str(full)]) == 0
+        real, calls = ANPEngine.step, []
+
+        def interrupt_on_fifth(self, *args, **kwargs):
+            calls.append(1)
+            if len(calls) == 5:
+                raise KeyboardInterrupt
+            return real(self, *args, **kwargs)
+        monkeypatch.setattr(ANPEngine, "step", interrupt_on_fifth)
+        part = tmp_path / "part"
+        assert main(["purify", *common, "--save-every", "2", "--out", str(part)]) == 130
+        monkeypatch.undo()
+        assert torch.load(part / "clean-masks_state.pt", weights_only=True)["iteration"] == 4
+        assert not (part / "anp_state.pt").exists()
+        assert main(["purify", "--resume", str(part)]) == 0
+        assert (part / "masks.txt").read_text() == (full / "masks.txt").read_text()
+        assert json.loads((part / "report.json").read_text())["anp"]["resumed_at"] == 4
+    finally:
+        METHODS.pop("clean-masks", None)
+
+
+def test_register_method_refuses_state_files_that_are_not_file_names():
+    from anp_fast.methods import register_method
+
+    with pytest.raises(ConfigError, match="plain file names"):
+        register_method("mine", lambda *a, **k: None, state_files="mine_extra.pt")
+    with pytest.raises(ConfigError, match="plain file names"):
+        register_method("mine", lambda *a, **k: None, state_files=("../elsewhere.pt",))
+    from anp_fast.methods import METHODS, state_files
+
+    assert "mine" not in METHODS
+    with pytest.raises(ConfigError, match="unknown method 'mine'"):
+        state_files("mine")
+
+
 # ---------------------------------------------------------------------------------------------- bad input
 def test_missing_and_truncated_checkpoints(tmp_path, tiny_cifar, tiny_checkpoint, capsys):
     out = tmp_path / "out"
