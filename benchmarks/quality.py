@@ -16,7 +16,8 @@ its own process with ``--threads`` threads); inside the masks stage, from the la
 saved with each). Masks are kept every ``--snapshot-every`` iterations, so the stop
 rule (:mod:`anp_fast.selection`) is measured from the same runs: the iteration it would stop at and the outcome
 it would have given. ``--report OUT`` writes quality.md, quality.csv, cells.json and quality.png from whatever
-cells are done.
+cells are done; ``--status`` says where each selected cell stands (a resumed masks stage: from which iteration)
+and runs nothing.
 """
 from __future__ import annotations
 
@@ -376,6 +377,38 @@ def run_cell(cell: Cell, methods: List[str], s: Settings, evaluate: bool = True,
     return {"cell": cell.key, "seconds": time.perf_counter() - t0, "results": results, "log": lines}
 
 
+def cell_status(cell: Cell, methods: List[str], s: Settings) -> str:
+    """Where ``cell`` stands, from its folder alone (nothing is run): the model, then each method's masks (the
+    iteration an interrupted run would resume from) and evaluation."""
+    import torch
+
+    from anp_fast.methods import state_file
+
+    folder = os.path.join(s.work, cell.key)
+    if not os.path.exists(os.path.join(folder, "attack.json")):
+        return f"{cell.key}: no model yet"
+    parts = []
+    for method in methods:
+        sub = os.path.join(folder, method)
+        out, state = os.path.join(sub, "eval.json"), os.path.join(sub, state_file(method))
+        if os.path.exists(out):
+            r = _read_json(out)
+            parts.append(f"{method}: ACC {_pct(r['before']['acc'])}->{_pct(r['after']['acc'])} ASR "
+                         f"{_pct(r['before'].get('asr'))}->{_pct(r['after'].get('asr'))}"
+                         + ("" if rule_of(r) == current_rule() else " (an earlier rule: re-evaluated on the next run)"))
+        elif os.path.exists(os.path.join(sub, "learn.json")):
+            parts.append(f"{method}: masks learned, not evaluated")
+        elif os.path.exists(state):
+            try:
+                at = int(torch.load(state, map_location="cpu", weights_only=True)["iteration"])
+                parts.append(f"{method}: masks at iteration {at} (resumes there)")
+            except Exception as exc:  # a state file being written, or damaged: the run says which
+                parts.append(f"{method}: unreadable run state ({type(exc).__name__})")
+        else:
+            parts.append(f"{method}: no masks yet")
+    return f"{cell.key}: model trained; " + "; ".join(parts)
+
+
 # --------------------------------------------------------------------------------------------- report
 def collect(work: str) -> List[Dict]:
     found = []
@@ -555,6 +588,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--no-eval", action="store_true", help="train and learn masks only")
     p.add_argument("--force-eval", action="store_true", help="re-run the evaluation stage (a new rule)")
     p.add_argument("--report", default=None, help="write the table, CSV and plot of the finished cells here")
+    p.add_argument("--status", action="store_true", help="say where each selected cell stands and run nothing")
     args = p.parse_args(argv)
     s = Settings(work=os.path.abspath(args.work), iters=args.iters, epochs=args.epochs, precision=args.precision,
                  rnp_precision=args.rnp_precision, threads=args.threads, width=args.width,
@@ -580,6 +614,12 @@ def main(argv: Optional[List[str]] = None) -> int:
             for rate in ([0.0] if attack == "benign" else _csv(args.rates, float)):
                 cells.extend(Cell(data, attack, rate, seed) for seed in _csv(args.seeds, int))
     methods = _csv(args.methods)
+    if args.status:
+        lines = [cell_status(c, methods, s) for c in cells]
+        print("\n".join(lines))
+        done = sum(all(f"{m}: ACC" in line and "earlier rule" not in line for m in methods) for line in lines)
+        print(f"{done} of {len(cells)} cells evaluated under the current rule", flush=True)
+        return 0
     if cells:
         print(f"{len(cells)} cells x {len(methods)} methods, {args.jobs} at a time, {args.threads} thread(s) each",
               flush=True)

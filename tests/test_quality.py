@@ -40,6 +40,10 @@ def test_tiny_matrix_runs_resumes_and_reports(tmp_path, capsys, monkeypatch):
     rows = (report / "quality.csv").read_text().splitlines()
     assert rows[0].startswith("data,attack,rate,method,seeds") and len(rows) == 7
     assert "masks_asr_worst" in rows[0] and "evidence_drop_worst" in rows[0]
+    assert quality.main(["--work", str(work), *TINY, "--status"]) == 0  # runs nothing
+    status = capsys.readouterr().out.splitlines()
+    assert status[-1] == "3 of 3 cells evaluated under the current rule"
+    assert status[0].startswith("digits-cifar/badnets@0.1/s0: model trained; anp: ACC ") and "; rnp: ACC " in status[0]
     # a second run finds every stage done: nothing is trained or learned again
     stamps = {p: os.path.getmtime(p) for p in work.rglob("*") if p.name in ("backdoored.safetensors", "masks.txt",
                                                                             "eval.json")}
@@ -56,6 +60,13 @@ def test_tiny_matrix_runs_resumes_and_reports(tmp_path, capsys, monkeypatch):
     table = (report / "quality.md").read_text()
     assert len(json.loads((report / "cells.json").read_text())) == 5
     assert "| digits-cifar/sig@0.1/s0 | rnp | {'walk_floor': 0.2," in table.split("earlier default rule")[1]
+    capsys.readouterr()
+    assert quality.main(["--work", str(work), *TINY, "--seeds", "0,1", "--status"]) == 0
+    status = capsys.readouterr().out.splitlines()
+    assert status[-1] == "2 of 6 cells evaluated under the current rule"
+    assert status[1] == "digits-cifar/badnets@0.1/s1: no model yet"
+    assert [line for line in status if "earlier rule" in line] == [
+        line for line in status if line.startswith("digits-cifar/sig@0.1/s0:")]
     stamps[old] = os.path.getmtime(old)
     assert quality.main(["--work", str(work), *TINY]) == 0
     assert [p for p, t in stamps.items() if os.path.getmtime(p) != t] == [old]
@@ -226,6 +237,8 @@ def test_a_killed_masks_stage_resumes_with_the_masks_and_snapshots_of_an_uninter
                 quality.masks_stage(cell, "anp", s, print)
         assert torch.load(folder / "anp_state.pt", weights_only=True)["iteration"] == 4, name
         assert not (folder / "learn.json").exists()
+        assert quality.cell_status(cell, ["anp"], s) == ("digits-cifar/badnets@0.1/s0: model trained; anp: masks at "
+                                                         "iteration 4 (resumes there)")
         quality.masks_stage(cell, "anp", s, print)
         assert (folder / "masks.txt").read_text() == whole, name
         snaps = torch.load(folder / "snapshots.pt", weights_only=True)
