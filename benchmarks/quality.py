@@ -13,7 +13,7 @@ also gives the oracle (the lowest test ASR within a 2-point test-ACC drop) as a 
 Everything a stage makes is written atomically into ``DIR/<data>/<attack>@<rate>/s<seed>/`` and a stage whose
 output exists is skipped, so an interrupted run continues where it stopped (``--jobs`` cells at a time, each in
 its own process with ``--threads`` threads); inside the masks stage, from the last snapshot (the run state is
-saved with each). Masks are kept every ``--snapshot-every`` iterations, so the stop
+saved with each), and inside the evaluation stage from the rule it was measuring. Masks are kept every ``--snapshot-every`` iterations, so the stop
 rule (:mod:`anp_fast.selection`) is measured from the same runs: the iteration it would stop at and the outcome
 it would have given. ``--report OUT`` writes quality.md, quality.csv, cells.json and quality.png from whatever
 cells are done; ``--status`` says where each selected cell stands (a resumed masks stage: from which iteration)
@@ -307,14 +307,22 @@ def eval_stage(cell: Cell, method: str, s: Settings, log, force: bool = False) -
     else:
         rows = dense_sweep(model, masks, evaluator, step=s.dense_step)
         _write_json(dense_path, rows)
-    outcomes = {}
+    # each rule's outcome is kept as it is measured (a walk takes minutes): a run killed in this stage goes on
+    # with the next rule; what was measured under another default rule (or before --force-eval) is not taken
+    partial_path = os.path.join(folder, RULES_PARTIAL)
+    partial = _read_json(partial_path) if os.path.exists(partial_path) and not force else None
+    partial = partial if partial is not None and partial.get("rule") == current_rule() else {"rule": current_rule()}
+    done = partial.setdefault("rules", {})
     for mode in s.rules:  # the default rule first, then each signal alone (a reference)
-        picked = selection.choose(model, masks, evaluator, budget_points=s.budget, mode=mode)
-        outcomes[mode] = {"name": picked["name"], "evidence": picked.get("evidence"),
-                          "pruned": pruned_count(masks, **picked["rule"]),
-                          "after": evaluator(prune(model, masks, **picked["rule"]))}
-        if mode == "walk":
-            chosen = picked
+        if mode not in done:
+            picked = selection.choose(model, masks, evaluator, budget_points=s.budget, mode=mode)
+            done[mode] = {"picked": picked, "outcome": {
+                "name": picked["name"], "evidence": picked.get("evidence"),
+                "pruned": pruned_count(masks, **picked["rule"]),
+                "after": evaluator(prune(model, masks, **picked["rule"]))}}
+            _write_json(partial_path, partial)
+    outcomes = {mode: done[mode]["outcome"] for mode in s.rules}
+    chosen = done["walk"]["picked"]
     after, n = outcomes["walk"]["after"], outcomes["walk"]["pruned"]
     replays = _stop_replays(model, masks, evaluator, chosen["rule"], folder, old, s, force) if method == "anp" else {}
     result = {"cell": cell.key, "data": cell.data, "attack": cell.attack, "rate": cell.rate, "seed": cell.seed,
@@ -323,9 +331,11 @@ def eval_stage(cell: Cell, method: str, s: Settings, log, force: bool = False) -
               "learn": _read_json(os.path.join(folder, "learn.json")), **{k: replays.get(k) for k in STOP_REPLAYS},
               **current_rule()}
     _write_json(out, result)
+    os.remove(partial_path)
     return result
 
 
+RULES_PARTIAL = "rules_partial.json"  # the evaluation stage's rules measured so far (removed when it is done)
 # the stop rule's variants replayed on every ANP cell: eval.json key -> (file, simulate_stop options)
 STOP_REPLAYS = {"stop": ("stop.json", {"patience": 3}),  # purify --stop-patience 3 (the mask-order rule's set)
                 # purify --stop-patience 3 --stop-threshold 0.2 --stop-overlap 0.8

@@ -247,6 +247,50 @@ def test_a_killed_masks_stage_resumes_with_the_masks_and_snapshots_of_an_uninter
         assert sorted(p.name for p in folder.iterdir()) == ["learn.json", "masks.txt", "snapshots.pt"], name
 
 
+def test_a_killed_eval_stage_goes_on_with_the_rule_it_was_measuring(tmp_path, monkeypatch):
+    """The evaluation stage keeps each rule's outcome as it is measured: killed in the second rule, the next run
+    measures the second and third only and writes the evaluation of a run never stopped, and leaves nothing
+    behind; outcomes kept under another default rule are measured again."""
+    from anp_fast import selection
+
+    work = tmp_path / "work"
+    assert quality.main(["--work", str(work), *ONE]) == 0
+    folder = work / "digits-cifar" / "badnets@0.1" / "s0" / "anp"
+    whole = json.loads((folder / "eval.json").read_text())
+    cell = quality.Cell("digits-cifar", "badnets", 0.1, 0)
+    s = quality.Settings(work=str(work), iters=6, epochs=1, width=4, clean_count=40, snapshot_every=2,
+                         dense_step=40)
+    real, calls = selection.choose, []
+
+    class Killed(Exception):
+        pass
+
+    def counted(*args, mode="walk", **kwargs):
+        calls.append(mode)
+        if mode == "masks" and kill:
+            raise Killed()
+        return real(*args, mode=mode, **kwargs)
+
+    monkeypatch.setattr(selection, "choose", counted)
+    (folder / "eval.json").unlink()
+    kill = True
+    with pytest.raises(Killed):
+        quality.eval_stage(cell, "anp", s, print)
+    assert calls == ["walk", "masks"] and not (folder / "eval.json").exists()
+    assert list(json.loads((folder / quality.RULES_PARTIAL).read_text())["rules"]) == ["walk"]
+    calls.clear()
+    kill = False
+    assert quality.eval_stage(cell, "anp", s, print) == whole
+    assert calls == ["masks", "evidence"]
+    assert json.loads((folder / "eval.json").read_text()) == whole and not (folder / quality.RULES_PARTIAL).exists()
+    # kept under another default rule: measured again
+    other = dict(quality.current_rule(), walk_tau=1.0)
+    (folder / quality.RULES_PARTIAL).write_text(json.dumps({"rule": other, "rules": {"walk": {}, "masks": {}}}))
+    (folder / "eval.json").unlink()
+    calls.clear()
+    assert quality.eval_stage(cell, "anp", s, print) == whole and calls == ["walk", "masks", "evidence"]
+
+
 def test_the_readme_table_is_the_committed_report_and_the_report_its_cells(tmp_path):
     """The README's quality table is the committed report's, and that report's tables are what the runner writes
     from the committed per-cell results (cells.json): nobody edited a number by hand or forgot to regenerate."""
