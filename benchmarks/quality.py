@@ -13,9 +13,9 @@ also gives the oracle (the lowest test ASR within a 2-point test-ACC drop) as a 
 Everything a stage makes is written atomically into ``DIR/<data>/<attack>@<rate>/s<seed>/`` and a stage whose
 output exists is skipped, so an interrupted run continues where it stopped (``--jobs`` cells at a time, each in
 its own process with ``--threads`` threads); inside the masks stage, from the last snapshot (the run state is
-saved with each), and inside the evaluation stage from the rule it was measuring. Masks are kept every ``--snapshot-every`` iterations, so the stop
-rule (:mod:`anp_fast.selection`) is measured from the same runs: the iteration it would stop at and the outcome
-it would have given. ``--report OUT`` writes quality.md, quality.csv, cells.json and quality.png from whatever
+saved with each), and inside the evaluation stage from the rule it was measuring. Masks are kept every
+``--snapshot-every`` iterations, so the stop rule (:mod:`anp_fast.selection`) is measured from the same runs:
+the iteration it would stop at and the outcome it would have given. ``--report OUT`` writes quality.md, quality.csv, cells.json and quality.png from whatever
 cells are done; ``--status`` says where each selected cell stands (a resumed masks stage: from which iteration)
 and runs nothing.
 """
