@@ -28,17 +28,15 @@ from .inputs import (asr_dataset, check_out, check_rule, check_rule_fits, load_m
                      make_trigger_spec, parse_prune_rule)
 from .maskfile import load_masks, save_masks
 from .normalization import to_metadata
+from .outputs import ATTACK_OUTPUTS, COMMAND_FILE, PURIFY_OUTPUTS  # noqa: F401  (imported from here too)
 from .pruning import pruned_count, prune, sweep
 from .report import write_csv, write_json
 from .selection import THRESHOLDS
 from .surgery import perturbable_layers
 
+# the built-in methods' state files, for front ends that imported them (purify asks anp_fast.methods.state_files)
 STATE_FILE = "anp_state.pt"
-STATE_FILES = (STATE_FILE, "rnp_state.pt", "rnp_unlearned.pt")  # the built-in methods' (any method's: methods.state_files)
-COMMAND_FILE = "command.json"
-PURIFY_OUTPUTS = ("purified.safetensors", "purified.pt", "masks.txt", "report.json", "sweep.csv",
-                  "mask_histograms.png", "pruning_sweep.png")
-ATTACK_OUTPUTS = ("backdoored.safetensors", "backdoored.pt", "attack.json")
+STATE_FILES = (STATE_FILE, "rnp_state.pt", "rnp_unlearned.pt")
 
 
 def check_device(device: Optional[str], cuda_graphs: bool = False) -> None:
@@ -87,7 +85,7 @@ def run_purify(*, arch: str, checkpoint: str, data: str, out: str, config: ANPCo
     arguments: they learn the masks together (:mod:`anp_fast.distributed`) and each evaluates its part of every
     data set for the pruning sweep and the choice (the counts are summed); rank 0 alone logs, writes the
     outputs and the run state, and returns the report; the other ranks return None."""
-    from .methods import METHODS, state_files
+    from .methods import METHODS, all_state_files
     from .checkpoint import save_checkpoint
     from .datasets import ImageFolderDataset, clean_split
     from .distributed import current, rank
@@ -123,7 +121,9 @@ def run_purify(*, arch: str, checkpoint: str, data: str, out: str, config: ANPCo
     check_device(config.device, config.cuda_graphs)
     if method not in METHODS:
         raise ConfigError(f"--method {method!r}: known methods are {', '.join(METHODS)}")
-    saved = [os.path.join(out, f) for f in state_files(method) if os.path.exists(os.path.join(out, f))]
+    # any registered method's: a front end's method may save under another's name (a wrapper of anp saves
+    # anp_state.pt), and --resume reruns the saved command, so its method finds its own files
+    saved = [os.path.join(out, f) for f in all_state_files() if os.path.exists(os.path.join(out, f))]
     saved_state = bool(saved)
     finished = os.path.join(out, "report.json")
     if resume and os.path.exists(finished) and all(

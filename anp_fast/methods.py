@@ -46,17 +46,28 @@ METHODS: Dict[str, Method] = {}
 _STATE_FILES: Dict[str, Tuple[str, ...]] = {}
 
 
-def register_method(name: str, learn: Method, *, state_files: Tuple[str, ...] = ()) -> Method:
+def register_method(name: str, learn: Method, *, state_files: Iterable[str] = ()) -> Method:
     """Make ``learn`` available as ``--method NAME`` (and to :func:`learn_masks`). Returns ``learn``.
     ``state_files``: what ``learn`` saves in ``state_dir`` to resume from besides its mask loop's state
-    (:func:`state_path`); a run that left any of them behind is one ``purify --resume`` continues."""
-    if not name or not name.replace("_", "").replace("-", "").isalnum():
-        raise ConfigError(f"method name {name!r}: use letters, digits, '-' and '_'")
-    if isinstance(state_files, str) or not all(isinstance(f, str) and f and os.path.basename(f) == f
-                                               for f in state_files):
-        raise ConfigError(f"method {name!r}: state_files={state_files!r} must be a tuple of plain file names")
+    (:func:`state_path`); a folder holding any registered method's state files is one ``purify --resume``
+    continues (the saved command's method then reads its own)."""
+    from .outputs import ATTACK_OUTPUTS, COMMAND_FILE, PURIFY_OUTPUTS
+
+    if not isinstance(name, str) or not name or not name.isascii() or not name.replace("_", "").replace(
+            "-", "").isalnum():
+        raise ConfigError(f"method name {name!r}: use ASCII letters, digits, '-' and '_'")
+    clash = [known for known in METHODS if known != name and known.lower() == name.lower()]
+    if clash:  # one state file on a case-insensitive file system
+        raise ConfigError(f"method name {name!r}: {clash[0]!r} is registered (names must differ in more than case)")
+    files = (state_files,) if isinstance(state_files, str) else tuple(state_files)
+    reserved = {COMMAND_FILE, *PURIFY_OUTPUTS, *ATTACK_OUTPUTS}
+    bad = [f for f in files if not isinstance(f, str) or f in ("", ".", "..") or "\0" in f
+           or os.path.basename(f) != f or "\\" in f or f in reserved]
+    if isinstance(state_files, str) or bad:
+        raise ConfigError(f"method {name!r}: state_files={state_files!r} must be a tuple of plain file names, none "
+                          f"of them a command's output ({', '.join(sorted(reserved))})")
     METHODS[name] = learn
-    _STATE_FILES[name] = (state_file(name), *state_files)
+    _STATE_FILES[name] = (state_file(name), *files)
     return learn
 
 
@@ -69,6 +80,11 @@ def state_path(state_dir: Optional[str], method: str) -> Optional[str]:
     """Where ``method`` keeps its mask loop's state in ``state_dir`` (None without a folder): what a method
     passes to :func:`~anp_fast.optimize_masks` as ``state_path``."""
     return os.path.join(state_dir, state_file(method)) if state_dir else None
+
+
+def all_state_files() -> Tuple[str, ...]:
+    """Every registered method's state files."""
+    return tuple(dict.fromkeys(f for files in _STATE_FILES.values() for f in files))
 
 
 def state_files(method: str) -> Tuple[str, ...]:

@@ -31,7 +31,7 @@ import sys
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 # The trigger spec of `anp-fast attack` for each scenario; benign: no poisoning (ASR measured with BadNets).
 # Published defaults, except SIG: at BackdoorBench's delta 40/255 it reached ASR 34% (digits-cifar, 10%) and
@@ -282,9 +282,11 @@ def eval_stage(cell: Cell, method: str, s: Settings, log, force: bool = False) -
 
     folder = os.path.join(s.work, cell.key, method)
     out = os.path.join(folder, "eval.json")
+    partial_path = os.path.join(folder, RULES_PARTIAL)
     old = _read_json(out) if os.path.exists(out) else None
     if old is not None and not force:
         if rule_of(old) == current_rule():
+            _remove(partial_path)  # what a killed --force-eval run had measured: this evaluation stands
             if method != "anp":
                 return old
             kept = {k: _kept_replay(folder, k, old)[0] for k in STOP_REPLAYS}
@@ -308,10 +310,12 @@ def eval_stage(cell: Cell, method: str, s: Settings, log, force: bool = False) -
         rows = dense_sweep(model, masks, evaluator, step=s.dense_step)
         _write_json(dense_path, rows)
     # each rule's outcome is kept as it is measured (a walk takes minutes): a run killed in this stage goes on
-    # with the next rule; what was measured under another default rule (or before --force-eval) is not taken
-    partial_path = os.path.join(folder, RULES_PARTIAL)
-    partial = _read_json(partial_path) if os.path.exists(partial_path) and not force else None
-    partial = partial if partial is not None and partial.get("rule") == current_rule() else {"rule": current_rule()}
+    # with the next rule. Taken over only when measured under the same default rule to replace the same
+    # evaluation (none, an earlier rule's, or the one --force-eval replaces).
+    replaces = _fingerprint(out)
+    partial = _read_json(partial_path) if os.path.exists(partial_path) else None
+    if partial is None or partial.get("rule") != current_rule() or partial.get("replaces") != replaces:
+        partial = {"rule": current_rule(), "replaces": replaces}
     done = partial.setdefault("rules", {})
     for mode in s.rules:  # the default rule first, then each signal alone (a reference)
         if mode not in done:
@@ -331,8 +335,25 @@ def eval_stage(cell: Cell, method: str, s: Settings, log, force: bool = False) -
               "learn": _read_json(os.path.join(folder, "learn.json")), **{k: replays.get(k) for k in STOP_REPLAYS},
               **current_rule()}
     _write_json(out, result)
-    os.remove(partial_path)
+    _remove(partial_path)
     return result
+
+
+def _remove(path: str) -> None:
+    try:
+        os.remove(path)
+    except FileNotFoundError:
+        pass
+
+
+def _fingerprint(path: str) -> Optional[str]:
+    """A file's content hash (None: no file)."""
+    import hashlib
+
+    if not os.path.exists(path):
+        return None
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
 
 
 RULES_PARTIAL = "rules_partial.json"  # the evaluation stage's rules measured so far (removed when it is done)
@@ -387,27 +408,33 @@ def run_cell(cell: Cell, methods: List[str], s: Settings, evaluate: bool = True,
     return {"cell": cell.key, "seconds": time.perf_counter() - t0, "results": results, "log": lines}
 
 
-def cell_status(cell: Cell, methods: List[str], s: Settings) -> str:
+def cell_status(cell: Cell, methods: List[str], s: Settings) -> Tuple[str, bool]:
     """Where ``cell`` stands, from its folder alone (nothing is run): the model, then each method's masks (the
-    iteration an interrupted run would resume from) and evaluation."""
+    iteration an interrupted run would resume from) and evaluation; and whether every method is evaluated under
+    the current default rule."""
     import torch
 
     from anp_fast.methods import state_file
 
     folder = os.path.join(s.work, cell.key)
     if not os.path.exists(os.path.join(folder, "attack.json")):
-        return f"{cell.key}: no model yet"
-    parts = []
+        return f"{cell.key}: no model yet", False
+    parts, done = [], True
     for method in methods:
         sub = os.path.join(folder, method)
         out, state = os.path.join(sub, "eval.json"), os.path.join(sub, state_file(method))
+        partial = os.path.join(sub, RULES_PARTIAL)
+        measured = ", ".join(_read_json(partial).get("rules", {})) if os.path.exists(partial) else ""
+        current = os.path.exists(out) and rule_of(_read_json(out)) == current_rule()
+        done = done and current
         if os.path.exists(out):
             r = _read_json(out)
             parts.append(f"{method}: ACC {_pct(r['before']['acc'])}->{_pct(r['after']['acc'])} ASR "
                          f"{_pct(r['before'].get('asr'))}->{_pct(r['after'].get('asr'))}"
-                         + ("" if rule_of(r) == current_rule() else " (an earlier rule: re-evaluated on the next run)"))
+                         + ("" if current else " (an earlier rule: re-evaluated on the next run)"))
         elif os.path.exists(os.path.join(sub, "learn.json")):
-            parts.append(f"{method}: masks learned, not evaluated")
+            parts.append(f"{method}: masks learned, " + (f"evaluation under way (measured: {measured})" if measured
+                                                          else "not evaluated"))
         elif os.path.exists(state):
             try:
                 at = int(torch.load(state, map_location="cpu", weights_only=True)["iteration"])
@@ -416,7 +443,7 @@ def cell_status(cell: Cell, methods: List[str], s: Settings) -> str:
                 parts.append(f"{method}: unreadable run state ({type(exc).__name__})")
         else:
             parts.append(f"{method}: no masks yet")
-    return f"{cell.key}: model trained; " + "; ".join(parts)
+    return f"{cell.key}: model trained; " + "; ".join(parts), done
 
 
 # --------------------------------------------------------------------------------------------- report
@@ -611,6 +638,17 @@ def main(argv: Optional[List[str]] = None) -> int:
     unknown = [d for d in datas if d not in DATASETS] + [a for a in attacks if a not in ATTACKS]
     if unknown:
         p.error(f"unknown data set or attack: {', '.join(unknown)}")
+    cells = []
+    for data in datas:
+        for attack in attacks:
+            for rate in ([0.0] if attack == "benign" else _csv(args.rates, float)):
+                cells.extend(Cell(data, attack, rate, seed) for seed in _csv(args.seeds, int))
+    methods = _csv(args.methods)
+    if args.status:  # before anything is written
+        found = [cell_status(c, methods, s) for c in cells]
+        print("\n".join(line for line, _ in found))
+        print(f"{sum(done for _, done in found)} of {len(cells)} cells evaluated under the current rule", flush=True)
+        return 0
     if "digits-cifar" in datas:
         folder = os.path.join(s.work, "data", "digits-cifar")
         if not os.path.exists(os.path.join(folder, "cifar-10-batches-py", "test_batch")):
@@ -618,18 +656,6 @@ def main(argv: Optional[List[str]] = None) -> int:
 
             os.makedirs(folder, exist_ok=True)
             digits_as_cifar(folder)
-    cells = []
-    for data in datas:
-        for attack in attacks:
-            for rate in ([0.0] if attack == "benign" else _csv(args.rates, float)):
-                cells.extend(Cell(data, attack, rate, seed) for seed in _csv(args.seeds, int))
-    methods = _csv(args.methods)
-    if args.status:
-        lines = [cell_status(c, methods, s) for c in cells]
-        print("\n".join(lines))
-        done = sum(all(f"{m}: ACC" in line and "earlier rule" not in line for m in methods) for line in lines)
-        print(f"{done} of {len(cells)} cells evaluated under the current rule", flush=True)
-        return 0
     if cells:
         print(f"{len(cells)} cells x {len(methods)} methods, {args.jobs} at a time, {args.threads} thread(s) each",
               flush=True)

@@ -143,17 +143,27 @@ def _readme_front_end_method():
     exec(compile(code, "README.md", "exec"), {})
 
 
-def test_a_front_end_method_resumes_where_purify_looks(tmp_path, tiny_cifar, tiny_checkpoint, monkeypatch):
-    """The README's own method keeps its state where ``purify --resume`` looks for it: an interrupted run goes on
-    from there (the masks of an uninterrupted run), and the run's state file is named by the method."""
-    from anp_fast.engine import ANPEngine
-    from anp_fast.methods import METHODS, state_files
+def _wrapped_anp():
+    from anp_fast.methods import anp, register_method
 
-    _readme_front_end_method()
+    register_method("anp-wrapped", lambda *args, **kwargs: anp(*args, **kwargs))
+
+
+@pytest.mark.parametrize("method, register, state", [("clean-masks", _readme_front_end_method, "clean-masks_state.pt"),
+                                                     ("anp-wrapped", _wrapped_anp, "anp_state.pt")])
+def test_a_front_end_method_resumes_where_purify_looks(tmp_path, tiny_cifar, tiny_checkpoint, monkeypatch, method,
+                                                       register, state):
+    """A front end's method resumes: the README's own, which keeps its state under its own name, and a wrapper of
+    ANP, which keeps it under ANP's. An interrupted run goes on from there with the masks of an uninterrupted
+    run."""
+    from anp_fast.engine import ANPEngine
+    from anp_fast.methods import METHODS, _STATE_FILES, state_files
+
+    register()
     try:
-        assert state_files("clean-masks") == ("clean-masks_state.pt",)
+        assert state_files(method) == (f"{method}_state.pt",)
         common = [*TINY, "--iters", "6", "--checkpoint", tiny_checkpoint, "--data", tiny_cifar, "--no-progress",
-                  "--no-channels-last", "--method", "clean-masks"]
+                  "--no-channels-last", "--method", method]
         full = tmp_path / "full"
         assert main(["purify", *common, "--out", str(full)]) == 0
         real, calls = ANPEngine.step, []
@@ -167,27 +177,39 @@ def test_a_front_end_method_resumes_where_purify_looks(tmp_path, tiny_cifar, tin
         part = tmp_path / "part"
         assert main(["purify", *common, "--save-every", "2", "--out", str(part)]) == 130
         monkeypatch.undo()
-        assert torch.load(part / "clean-masks_state.pt", weights_only=True)["iteration"] == 4
-        assert not (part / "anp_state.pt").exists()
+        assert [p.name for p in part.glob("*_state.pt")] == [state]
+        assert torch.load(part / state, weights_only=True)["iteration"] == 4
         assert main(["purify", "--resume", str(part)]) == 0
         assert (part / "masks.txt").read_text() == (full / "masks.txt").read_text()
         assert json.loads((part / "report.json").read_text())["anp"]["resumed_at"] == 4
     finally:
-        METHODS.pop("clean-masks", None)
+        METHODS.pop(method, None)
+        _STATE_FILES.pop(method, None)
 
 
-def test_register_method_refuses_state_files_that_are_not_file_names():
-    from anp_fast.methods import register_method
+def test_register_method_refuses_bad_names_and_state_files():
+    from anp_fast.commands import PURIFY_OUTPUTS
+    from anp_fast.methods import METHODS, _STATE_FILES, register_method, state_files
 
-    with pytest.raises(ConfigError, match="plain file names"):
-        register_method("mine", lambda *a, **k: None, state_files="mine_extra.pt")
-    with pytest.raises(ConfigError, match="plain file names"):
-        register_method("mine", lambda *a, **k: None, state_files=("../elsewhere.pt",))
-    from anp_fast.methods import METHODS, state_files
+    def learn(*args, **kwargs):
+        return None
 
+    for files in ("mine_extra.pt", ("../elsewhere.pt",), ("..",), (".",), ("",), ("a\\b.pt",), ("a\0.pt",),
+                  ("command.json",), (PURIFY_OUTPUTS[2],), (3,)):
+        with pytest.raises(ConfigError, match="plain file names"):
+            register_method("mine", learn, state_files=files)
+    for name in ("", "mine/x", "m\u00efne", "ANP"):
+        with pytest.raises(ConfigError, match="method name"):
+            register_method(name, learn)
     assert "mine" not in METHODS
     with pytest.raises(ConfigError, match="unknown method 'mine'"):
         state_files("mine")
+    try:  # any iterable of names, a generator included
+        register_method("mine", learn, state_files=(f for f in ["mine_extra.pt"]))
+        assert state_files("mine") == ("mine_state.pt", "mine_extra.pt")
+    finally:
+        METHODS.pop("mine", None)
+        _STATE_FILES.pop("mine", None)
 
 
 # ---------------------------------------------------------------------------------------------- bad input

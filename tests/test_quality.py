@@ -40,7 +40,10 @@ def test_tiny_matrix_runs_resumes_and_reports(tmp_path, capsys, monkeypatch):
     rows = (report / "quality.csv").read_text().splitlines()
     assert rows[0].startswith("data,attack,rate,method,seeds") and len(rows) == 7
     assert "masks_asr_worst" in rows[0] and "evidence_drop_worst" in rows[0]
-    assert quality.main(["--work", str(work), *TINY, "--status"]) == 0  # runs nothing
+    assert quality.main(["--work", str(tmp_path / "fresh"), *TINY, "--status"]) == 0
+    assert capsys.readouterr().out.splitlines()[-1] == "0 of 3 cells evaluated under the current rule"
+    assert not (tmp_path / "fresh").exists()  # --status writes nothing, not even the digits export
+    assert quality.main(["--work", str(work), *TINY, "--status"]) == 0
     status = capsys.readouterr().out.splitlines()
     assert status[-1] == "3 of 3 cells evaluated under the current rule"
     assert status[0].startswith("digits-cifar/badnets@0.1/s0: model trained; anp: ACC ") and "; rnp: ACC " in status[0]
@@ -238,7 +241,7 @@ def test_a_killed_masks_stage_resumes_with_the_masks_and_snapshots_of_an_uninter
         assert torch.load(folder / "anp_state.pt", weights_only=True)["iteration"] == 4, name
         assert not (folder / "learn.json").exists()
         assert quality.cell_status(cell, ["anp"], s) == ("digits-cifar/badnets@0.1/s0: model trained; anp: masks at "
-                                                         "iteration 4 (resumes there)")
+                                                         "iteration 4 (resumes there)", False)
         quality.masks_stage(cell, "anp", s, print)
         assert (folder / "masks.txt").read_text() == whole, name
         snaps = torch.load(folder / "snapshots.pt", weights_only=True)
@@ -289,6 +292,29 @@ def test_a_killed_eval_stage_goes_on_with_the_rule_it_was_measuring(tmp_path, mo
     (folder / "eval.json").unlink()
     calls.clear()
     assert quality.eval_stage(cell, "anp", s, print) == whole and calls == ["walk", "masks", "evidence"]
+    # --force-eval killed in its second rule: the forced run goes on (the evaluation it replaces is the same);
+    # a run without it takes the evaluation as it stands and drops what the forced run measured
+    calls.clear()
+    kill = True
+    with pytest.raises(Killed):
+        quality.eval_stage(cell, "anp", s, print, force=True)
+    line, done = quality.cell_status(cell, ["anp"], s)
+    assert done and "ACC" in line  # the evaluation in place still stands
+    kill = False
+    assert quality.eval_stage(cell, "anp", s, print, force=True) == whole and calls == ["walk", "masks", "masks",
+                                                                                        "evidence"]
+    assert not (folder / quality.RULES_PARTIAL).exists()
+    kill = True
+    with pytest.raises(Killed):
+        quality.eval_stage(cell, "anp", s, print, force=True)
+    assert (folder / quality.RULES_PARTIAL).exists()
+    assert quality.eval_stage(cell, "anp", s, print) == whole and not (folder / quality.RULES_PARTIAL).exists()
+    # the status of an evaluation under way names what it has measured
+    (folder / "eval.json").unlink()
+    with pytest.raises(Killed):
+        quality.eval_stage(cell, "anp", s, print)
+    assert quality.cell_status(cell, ["anp"], s) == (
+        "digits-cifar/badnets@0.1/s0: model trained; anp: masks learned, evaluation under way (measured: walk)", False)
 
 
 def test_the_readme_table_is_the_committed_report_and_the_report_its_cells(tmp_path):
