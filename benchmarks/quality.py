@@ -15,9 +15,9 @@ output exists is skipped, so an interrupted run continues where it stopped (``--
 its own process with ``--threads`` threads); inside the masks stage, from the last snapshot (the run state is
 saved with each), and inside the evaluation stage from the rule it was measuring. Masks are kept every
 ``--snapshot-every`` iterations, so the stop rule (:mod:`anp_fast.selection`) is measured from the same runs:
-the iteration it would stop at and the outcome it would have given. ``--report OUT`` writes quality.md, quality.csv, cells.json and quality.png from whatever
-cells are done; ``--status`` says where each selected cell stands (a resumed masks stage: from which iteration)
-and runs nothing.
+the iteration it would stop at and the outcome it would have given. ``--report OUT`` writes quality.md,
+quality.csv, cells.json and quality.png from whatever cells are done; ``--status`` says where each selected cell
+stands (a masks stage: the iteration it resumes from; an evaluation: the rules measured) and writes nothing.
 """
 from __future__ import annotations
 
