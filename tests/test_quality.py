@@ -194,7 +194,16 @@ ONE = ["--data", "digits-cifar", "--attacks", "badnets", "--rates", "0.1", "--se
        "--dense-step", "40"]
 
 
-def test_a_killed_masks_stage_resumes_with_the_masks_and_snapshots_of_an_uninterrupted_run(tmp_path, monkeypatch):
+@pytest.fixture(scope="module")
+def one_cell(tmp_path_factory):
+    """A work folder with ONE's cell run to the end (each test works on a copy)."""
+    work = tmp_path_factory.mktemp("one") / "work"
+    assert quality.main(["--work", str(work), *ONE]) == 0
+    return work
+
+
+def test_a_killed_masks_stage_resumes_with_the_masks_and_snapshots_of_an_uninterrupted_run(tmp_path, monkeypatch,
+                                                                                           one_cell):
     """A runner killed mid-run (a machine going away: no Ctrl-C handler runs), in a step or between saving the
     state and taking the snapshot of the same iteration, loses at most --snapshot-every iterations: the next run
     goes on from the saved state, and its masks and snapshots are those of a run never stopped; no state is left
@@ -205,7 +214,7 @@ def test_a_killed_masks_stage_resumes_with_the_masks_and_snapshots_of_an_uninter
     import anp_fast.fileio
 
     work = tmp_path / "work"
-    assert quality.main(["--work", str(work), *ONE]) == 0
+    shutil.copytree(one_cell, work)
     folder = work / "digits-cifar" / "badnets@0.1" / "s0" / "anp"
     whole = (folder / "masks.txt").read_text()
     whole_snaps = torch.load(folder / "snapshots.pt", weights_only=True)
@@ -250,14 +259,14 @@ def test_a_killed_masks_stage_resumes_with_the_masks_and_snapshots_of_an_uninter
         assert sorted(p.name for p in folder.iterdir()) == ["learn.json", "masks.txt", "snapshots.pt"], name
 
 
-def test_a_killed_eval_stage_goes_on_with_the_rule_it_was_measuring(tmp_path, monkeypatch):
+def test_a_killed_eval_stage_goes_on_with_the_rule_it_was_measuring(tmp_path, monkeypatch, one_cell):
     """The evaluation stage keeps each rule's outcome as it is measured: killed in the second rule, the next run
     measures the second and third only and writes the evaluation of a run never stopped, and leaves nothing
     behind; outcomes kept under another default rule are measured again."""
     from anp_fast import selection
 
     work = tmp_path / "work"
-    assert quality.main(["--work", str(work), *ONE]) == 0
+    shutil.copytree(one_cell, work)
     folder = work / "digits-cifar" / "badnets@0.1" / "s0" / "anp"
     whole = json.loads((folder / "eval.json").read_text())
     cell = quality.Cell("digits-cifar", "badnets", 0.1, 0)
