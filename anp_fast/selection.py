@@ -335,9 +335,9 @@ class StopRule:
     empty, at ``patience`` + 1 consecutive checks. ``choose_rule(masks) -> {"number": K}`` (or any pruning rule).
 
     ``overlap`` < 1 relaxes "the same" to: each check's set overlaps the previous one's by at least ``overlap``
-    (Jaccard). Why: on the quality matrix's 30 ANP cells the masks never settle within 2000 iterations: the set
+    (Jaccard). Why: on the quality matrix's 31 ANP cells the masks never settle within 2000 iterations: the set
     at or below 0.2 keeps changing by 10-30% from one check (100 iterations) to the next up to the last one, and
-    the exact rule stopped 1 of the 30 runs (``benchmarks/results/stop_churn_20261207``)."""
+    the exact rule stopped 1 of the 31 runs (``benchmarks/results/stop_churn_20261207``)."""
 
     def __init__(self, choose_rule: Callable[[Dict[str, Tensor]], Dict], patience: int = 3, overlap: float = 1.0):
         from .errors import ConfigError
