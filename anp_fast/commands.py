@@ -27,6 +27,7 @@ from .fileio import atomic_write_text
 from .inputs import (asr_dataset, check_out, check_rule, check_rule_fits, load_model_and_data, make_out,
                      make_trigger_spec, parse_prune_rule)
 from .maskfile import load_masks, save_masks
+from .methods import state_file, state_files
 from .normalization import to_metadata
 from .outputs import ATTACK_OUTPUTS, COMMAND_FILE, PURIFY_OUTPUTS  # noqa: F401  (imported from here too)
 from .pruning import pruned_count, prune, sweep
@@ -34,9 +35,9 @@ from .report import write_csv, write_json
 from .selection import THRESHOLDS
 from .surgery import perturbable_layers
 
-# the built-in methods' state files, for front ends that imported them (purify asks anp_fast.methods.state_files)
-STATE_FILE = "anp_state.pt"
-STATE_FILES = (STATE_FILE, "rnp_state.pt", "rnp_unlearned.pt")
+# the built-in methods' state files, for front ends that imported them from here (purify asks every method's)
+STATE_FILE = state_file("anp")
+STATE_FILES = state_files("anp") + state_files("rnp")
 
 
 def check_device(device: Optional[str], cuda_graphs: bool = False) -> None:

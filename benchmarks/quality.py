@@ -182,8 +182,7 @@ def masks_stage(cell: Cell, method: str, s: Settings, log) -> str:
                        "per_iter_s": result.timings["per_iter_s"], "resumed_at": result.timings.get("resumed_at", 0),
                        "config": config.to_dict(), "info": result.info, "threads": torch.get_num_threads()})
     for name in (*state_files(method), os.path.basename(partial)):
-        if os.path.exists(os.path.join(folder, name)):
-            os.remove(os.path.join(folder, name))
+        _remove(os.path.join(folder, name))
     return folder
 
 
@@ -423,16 +422,16 @@ def cell_status(cell: Cell, methods: List[str], s: Settings) -> Tuple[str, bool]
     for method in methods:
         sub = os.path.join(folder, method)
         out, state = os.path.join(sub, "eval.json"), os.path.join(sub, state_file(method))
-        partial = os.path.join(sub, RULES_PARTIAL)
-        measured = ", ".join(_read_json(partial).get("rules", {})) if os.path.exists(partial) else ""
-        current = os.path.exists(out) and rule_of(_read_json(out)) == current_rule()
+        r = _read_json(out) if os.path.exists(out) else None
+        current = r is not None and rule_of(r) == current_rule()
         done = done and current
-        if os.path.exists(out):
-            r = _read_json(out)
+        if r is not None:
             parts.append(f"{method}: ACC {_pct(r['before']['acc'])}->{_pct(r['after']['acc'])} ASR "
                          f"{_pct(r['before'].get('asr'))}->{_pct(r['after'].get('asr'))}"
                          + ("" if current else " (an earlier rule: re-evaluated on the next run)"))
         elif os.path.exists(os.path.join(sub, "learn.json")):
+            partial = os.path.join(sub, RULES_PARTIAL)
+            measured = ", ".join(_read_json(partial).get("rules", {})) if os.path.exists(partial) else ""
             parts.append(f"{method}: masks learned, " + (f"evaluation under way (measured: {measured})" if measured
                                                           else "not evaluated"))
         elif os.path.exists(state):
